@@ -1,0 +1,25 @@
+"""LoRAtorio's host-independent core: pure PyTorch and the standard library, never a WebUI module."""
+
+from loratorio.core.adapters import Adapter, Callback, Dense, LowRank, merged_weight
+from loratorio.core.engine import BatchLayout, Composer
+from loratorio.core.evaluate import evaluate, tree_map, tree_repeat
+from loratorio.core.fusion import (
+    compose,
+    patch_similarity,
+    patch_weights,
+    recentre_uncond,
+    softmin_weights,
+    to_eps,
+    weighted_sum,
+)
+from loratorio.core.lora_file import adapters_for_model, kohya_name, to_adapter, to_state_dict
+from loratorio.core.modes import MODES, in_window, mode_recentre, mode_weights, switch_index
+from loratorio.core.routing import MultiAdapter, RoutingSlot, RowRouting
+from loratorio.core.settings import Settings
+
+__all__ = [
+    "MODES", "Adapter", "BatchLayout", "Callback", "Composer", "Dense", "LowRank", "MultiAdapter", "RoutingSlot",
+    "RowRouting", "Settings", "adapters_for_model", "compose", "evaluate", "in_window", "kohya_name", "merged_weight",
+    "mode_recentre", "mode_weights", "patch_similarity", "patch_weights", "recentre_uncond", "softmin_weights",
+    "switch_index", "to_adapter", "to_eps", "to_state_dict", "tree_map", "tree_repeat", "weighted_sum",
+]

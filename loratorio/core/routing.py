@@ -1,0 +1,185 @@
+"""Row routing: which adapter each batch row uses, and the hooks that add each adapter's delta to its rows only.
+
+The mechanism is peft's mixed-adapter batch inference (base layer once over the whole batch, each adapter's delta on
+its own rows), installed as removable forward hooks on our target layers rather than as wrapper classes, so the
+host's modules, their `forward` and their weights are never replaced.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+from torch import Tensor, nn
+
+from loratorio.core.adapters import Adapter, Callback
+
+log = logging.getLogger(__name__)
+
+@dataclass(frozen=True)
+class RowRouting:
+    """Per-row adapter ids (None = base) for one model call; groups are precomputed once and shared by all layers."""
+
+    labels: tuple[int | None, ...]
+    _index_cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @cached_property
+    def groups(self) -> tuple[tuple[int, slice | tuple[int, ...]], ...]:
+        """(adapter id, rows) per adapter; rows are a slice when contiguous, so the hot path avoids gather/scatter."""
+        rows: dict[int, list[int]] = {}
+        for i, label in enumerate(self.labels):
+            if label is not None:
+                rows.setdefault(label, []).append(i)
+        out = []
+        for label, idx in rows.items():
+            contiguous = idx[-1] - idx[0] + 1 == len(idx)
+            out.append((label, slice(idx[0], idx[-1] + 1) if contiguous else tuple(idx)))
+        return tuple(out)
+
+    def groups_on(self, device: torch.device) -> Iterator[tuple[int, slice | Tensor]]:
+        """Groups with non-contiguous rows as a LongTensor on `device`, built once per device per call."""
+        for label, rows in self.groups:
+            if isinstance(rows, slice):
+                yield label, rows
+            else:
+                key = (label, device)
+                if key not in self._index_cache:
+                    self._index_cache[key] = torch.tensor(rows, dtype=torch.long, device=device)
+                yield label, self._index_cache[key]
+
+    def slice(self, start: int, stop: int) -> RowRouting:
+        """The routing of rows [start, stop), for hosts that split a batch into sub-batches."""
+        return RowRouting(self.labels[start:stop])
+
+
+class RoutingSlot:
+    """The routing of the model call in flight; a cursor hands consecutive sub-batches their own rows."""
+
+    def __init__(self) -> None:
+        self.full: RowRouting | None = None
+        self.current: RowRouting | None = None
+        self._cursor = 0
+
+    def begin_call(self, batch: int) -> None:
+        """Called at the root module's entry: select this call's rows, so host-side batch splitting is harmless."""
+        if self.full is None:
+            self.current = None
+            return
+        total = len(self.full)
+        if batch == total and self._cursor == 0:
+            self.current = self.full
+            return
+        if self._cursor + batch > total:
+            raise ValueError(f"model called with {batch} rows at row {self._cursor} but the routing has {total}")
+        self.current = self.full.slice(self._cursor, self._cursor + batch)
+        self._cursor = (self._cursor + batch) % total
+
+    def set(self, routing: RowRouting | None) -> None:
+        self.full, self.current, self._cursor = routing, None, 0
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> Tensor | None:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Tensor):
+            return value
+    return None
+
+
+class MultiAdapter:
+    """Base + N adapters on one module tree, chosen per row (install/remove; usable as a context manager).
+
+    adapters[i] maps a target (a dotted name under `root`, or the module itself) to adapter i's kind for that layer.
+    """
+
+    def __init__(self, root: nn.Module, adapters: Sequence[Mapping[str | nn.Module, Adapter]]) -> None:
+        self.root = root
+        self.n_adapters = len(adapters)
+        self.slot = RoutingSlot()
+        self.targets: dict[nn.Module, dict[int, Adapter]] = {}
+        names = dict(root.named_modules())
+        for i, table in enumerate(adapters):
+            for key, adapter in table.items():
+                module = names.get(key) if isinstance(key, str) else key
+                if module is None:
+                    raise ValueError(f"adapter {i}: no module named {key!r} under the model")
+                if not isinstance(adapter, Callback) and not isinstance(module, (nn.Linear, nn.Conv2d)):
+                    raise ValueError(f"adapter {i}: {key!r} is a {type(module).__name__}; only Linear and Conv2d "
+                                     "take low-rank or dense deltas (use a Callback adapter)")
+                self.targets.setdefault(module, {})[i] = adapter
+        self._handles: list = []
+
+    @property
+    def installed(self) -> bool:
+        return bool(self._handles)
+
+    def install(self) -> MultiAdapter:
+        """Register the hooks; installing twice is an error rather than a silent double delta."""
+        if self._handles:
+            raise RuntimeError("MultiAdapter is already installed")
+        try:
+            self._handles.append(self.root.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+            for module in self.targets:
+                self._handles.append(module.register_forward_hook(self._hook))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def remove(self) -> None:
+        """Remove every hook and routing; the tree is exactly as before install (forward, weights, hook dicts)."""
+        handles, self._handles = self._handles, []
+        for handle in handles:
+            handle.remove()
+        self.slot.set(None)
+
+    def __enter__(self) -> MultiAdapter:
+        return self.install()
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    @contextmanager
+    def routed(self, labels: Sequence[int | None] | RowRouting) -> Iterator[RowRouting]:
+        """Route rows to adapters for the model calls made inside; always cleared in `finally`."""
+        routing = labels if isinstance(labels, RowRouting) else RowRouting(tuple(labels))
+        bad = [label for label in set(routing.labels) if label is not None and not 0 <= label < self.n_adapters]
+        if bad:
+            raise ValueError(f"routing names adapters {sorted(bad)}; this model has {self.n_adapters}")
+        self.slot.set(routing)
+        try:
+            yield routing
+        finally:
+            self.slot.set(None)
+
+    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.slot.full is not None:
+            first = _first_tensor(args, kwargs)
+            self.slot.begin_call(first.shape[0] if first is not None else 0)
+
+    def _hook(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
+        routing = self.slot.current
+        if routing is None:
+            return None
+        if output.shape[0] != len(routing):
+            raise ValueError(f"{type(module).__name__} got {output.shape[0]} rows; the routing has {len(routing)}")
+        x, table = inputs[0], self.targets[module]
+        for label, rows in routing.groups_on(output.device):
+            adapter = table.get(label)
+            if adapter is None:  # a LoRA need not target every layer
+                continue
+            if isinstance(rows, slice):
+                view = output[rows]
+                new = adapter.apply(module, x[rows], view)
+                if new is not view:
+                    view.copy_(new)
+            else:
+                output.index_copy_(0, rows, adapter.apply(module, x.index_select(0, rows),
+                                                          output.index_select(0, rows)))
+        return output

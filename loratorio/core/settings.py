@@ -1,0 +1,133 @@
+"""One definition of LoRAtorio's settings, shared by the UI, the API's named arguments and the infotext."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from loratorio.core.modes import MODES
+
+REFERENCES = ("cond", "uncond")
+EVALUATIONS = ("auto", "batched", "sequential")
+
+INFOTEXT_PREFIX = "LoRAtorio"
+
+
+def _spec(label: str, *, lo: float | None = None, hi: float | None = None, choices: tuple[str, ...] = (),
+          help: str = "") -> dict[str, Any]:
+    return {"label": label, "lo": lo, "hi": hi, "choices": choices, "help": help}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """LoRAtorio's settings; field names are the API's named keys. Defaults are justified in the README."""
+
+    enabled: bool = field(default=False, metadata=_spec("enabled", help="Compose the prompt's LoRAs with LoRAtorio."))
+    mode: str = field(default="loratorio", metadata=_spec(
+        "mode", choices=MODES, help="loratorio: per-patch SoftMin fusion; composite: mean of the LoRAs; "
+        "switch: one LoRA per window of steps."))
+    patch_size: int = field(default=8, metadata=_spec(
+        "patch size", lo=1, hi=128, help="Side of a latent patch, in latent pixels (8 px of image each)."))
+    temperature: float = field(default=0.05, metadata=_spec(
+        "temperature", lo=1e-4, hi=10.0, help="SoftMin temperature τ: smaller makes each patch's winner take more."))
+    recentre: float = field(default=0.5, metadata=_spec(
+        "recentre", lo=0.0, hi=1.0, help="λ: how far the fused negative is pulled back to the base model's."))
+    top_k: int = field(default=0, metadata=_spec(
+        "top k", lo=0, hi=64, help="Dynamic mode: keep only the k most divergent LoRAs per patch (0 = all)."))
+    reference: str = field(default="cond", metadata=_spec(
+        "reference", choices=REFERENCES, help="Which base prediction the LoRAs are compared with."))
+    evaluation: str = field(default="auto", metadata=_spec(
+        "evaluation", choices=EVALUATIONS, help="batched: one UNet call for base and all LoRAs; sequential: one "
+        "call per LoRA, for hooks that need the host's batch shape; auto: batched unless a known hook objects."))
+    switch_interval: int = field(default=5, metadata=_spec(
+        "switch interval", lo=1, hi=1000, help="Switch mode: steps each LoRA stays active."))
+    start: float = field(default=0.0, metadata=_spec(
+        "start", lo=0.0, hi=1.0, help="Fraction of sampling at which composition starts (plain sampling before)."))
+    end: float = field(default=1.0, metadata=_spec(
+        "end", lo=0.0, hi=1.0, help="Fraction of sampling at which composition ends (plain sampling after)."))
+    show_maps: bool = field(default=False, metadata=_spec(
+        "show maps", help="Add one image per LoRA to the results, showing where it won."))
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check(f, getattr(self, f.name))
+        if self.start >= self.end:
+            raise ValueError(f"LoRAtorio setting 'start' ({self.start}) must be less than 'end' ({self.end})")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of named settings, as the API's named form takes them."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Settings:
+        """Build from named settings (API dict form); missing keys take defaults, unknown keys are an error."""
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise ValueError(f"unknown LoRAtorio setting(s) {unknown}; allowed: {sorted(names)}")
+        return cls(**{k: _coerce(names[k], v) for k, v in values.items()})
+
+    def to_infotext(self) -> dict[str, str]:
+        """Infotext key/values (generation parameters); empty when disabled, so plain runs stay untouched."""
+        if not self.enabled:
+            return {}
+        return {infotext_key(f): _format(getattr(self, f.name)) for f in dataclasses.fields(self)
+                if f.name not in ("enabled", "show_maps")}
+
+    @classmethod
+    def from_infotext(cls, params: Mapping[str, Any]) -> Settings:
+        """Inverse of to_infotext: settings from parsed generation parameters (absent keys: disabled/defaults)."""
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            key = infotext_key(f)
+            if key in params:
+                values[f.name] = params[key]
+        if not values:
+            return cls()
+        return cls.from_dict({**values, "enabled": True})
+
+
+def infotext_key(f: dataclasses.Field) -> str:
+    """The generation-parameters key of a settings field, e.g. 'LoRAtorio patch size'."""
+    return f"{INFOTEXT_PREFIX} {f.metadata['label']}"
+
+
+def _format(value: Any) -> str:
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _coerce(f: dataclasses.Field, value: Any) -> Any:
+    """Accept the value types that JSON, Gradio and infotext strings carry; refuse anything ambiguous."""
+    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    try:
+        if kind == "bool":
+            if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+                return value.strip().lower() == "true"
+            if isinstance(value, bool):
+                return value
+        elif kind == "int" and not isinstance(value, bool):
+            number = float(value)
+            if number.is_integer():
+                return int(number)
+        elif kind == "float" and not isinstance(value, bool):
+            return float(value)
+        elif kind == "str" and isinstance(value, str):
+            return value.strip().lower()
+    except (TypeError, ValueError):
+        pass
+    raise ValueError(f"LoRAtorio setting {f.name!r} must be a {kind}, got {value!r}")
+
+
+def _check(f: dataclasses.Field, value: Any) -> None:
+    meta = f.metadata
+    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    ok_type = {"bool": bool, "int": int, "float": (int, float), "str": str}[kind]
+    if not isinstance(value, ok_type) or (kind != "bool" and isinstance(value, bool)):
+        raise ValueError(f"LoRAtorio setting {f.name!r} must be a {kind}, got {value!r}")
+    if meta["choices"] and value not in meta["choices"]:
+        raise ValueError(f"LoRAtorio setting {f.name!r} must be one of {list(meta['choices'])}, got {value!r}")
+    lo, hi = meta["lo"], meta["hi"]
+    if lo is not None and not lo <= value <= hi:
+        raise ValueError(f"LoRAtorio setting {f.name!r} must be in [{lo}, {hi}], got {value!r}")

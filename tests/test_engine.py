@@ -1,0 +1,145 @@
+"""The engine over a host-style CFG batch, inside a toy Euler sampling loop (k-diffusion's sample_euler)."""
+
+import copy
+
+import pytest
+import torch
+
+from loratorio.core import BatchLayout, Composer, MultiAdapter, Settings, merged_weight
+from tests.toy import CTX, Denoiser
+
+STEPS = 6
+SIGMAS = torch.linspace(8.0, 0.0, STEPS + 1)
+CFG = 5.0
+
+
+def euler(denoise, x):
+    """Algorithm 2 of Karras et al. 2022 without churn, as sample_euler does it."""
+    for i in range(STEPS):
+        s = SIGMAS[i].repeat(x.shape[0])
+        d = (x - denoise(x, s, i)) / SIGMAS[i]
+        x = x + d * (SIGMAS[i + 1] - SIGMAS[i])
+    return x
+
+
+def cfg_step(model_call, cond, uncond):
+    """A host's CFG denoiser: batch [cond rows, uncond rows], then uncond + w·(cond − uncond)."""
+    def denoise(x, sigma, step):
+        b = x.shape[0]
+        inputs = (torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([cond, uncond]))
+        out = model_call(inputs, step)
+        return out[b:] + CFG * (out[:b] - out[b:])
+    return denoise
+
+
+@pytest.fixture
+def setting():
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(2, 4, 8, 8, generator=g) * SIGMAS[0], torch.randn(2, 3, CTX, generator=g), \
+        torch.randn(2, 3, CTX, generator=g)
+
+
+def merged_model(unet, lora):
+    model = copy.deepcopy(unet)
+    with torch.no_grad():
+        for name, adapter in lora.items():
+            layer = model.get_submodule(name)
+            layer.weight += merged_weight(layer, adapter)
+    return Denoiser(model)
+
+
+def compose_sampler(unet, loras, settings, space="x0"):
+    den = Denoiser(unet)
+    router = MultiAdapter(unet, loras).install()
+    composer = Composer(router, settings, batched=settings.evaluation != "sequential")
+
+    def call(inputs, step):
+        x, sigma, ctx = inputs
+        if space == "x0":
+            return composer(lambda a: den(*a), inputs, BatchLayout.cond_then_uncond(x.shape[0] // 2), step, x, sigma)
+        eps = composer(lambda a: unet(*a), inputs, BatchLayout.cond_then_uncond(x.shape[0] // 2), step)
+        return x - sigma.view(-1, 1, 1, 1) * eps
+    return call, router, composer
+
+
+def test_single_lora_without_recentre_reproduces_plain_lora_sampling(unet, two_loras, setting):
+    x, cond, uncond = setting
+    plain = merged_model(unet, two_loras[0])
+    expect = euler(cfg_step(lambda a, _: plain(*a), cond, uncond), x)
+    call, router, _ = compose_sampler(unet, two_loras[:1], Settings(enabled=True, recentre=0.0))
+    got = euler(cfg_step(call, cond, uncond), x)
+    router.remove()
+    torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-4)
+    assert (got - euler(cfg_step(lambda a, _: Denoiser(unet)(*a), cond, uncond), x)).abs().mean() > 1e-2
+
+
+@pytest.mark.parametrize("evaluation", ["batched", "sequential"])
+def test_two_loras_compose_in_x0_and_eps_space_alike(unet, two_loras, setting, evaluation):
+    x, cond, uncond = setting
+    s = Settings(enabled=True, patch_size=4, temperature=0.05, evaluation=evaluation)
+    outs = {}
+    for space in ("x0", "eps"):
+        call, router, composer = compose_sampler(unet, two_loras, s, space)
+        outs[space] = euler(cfg_step(call, cond, uncond), x)
+        router.remove()
+    torch.testing.assert_close(outs["x0"], outs["eps"], rtol=1e-3, atol=1e-3)
+    w = composer.last_weights
+    assert w.shape == (2, 2, 1, 8, 8) and 0.0 < w[0].mean() < 1.0
+    for lora in two_loras:
+        single = merged_model(unet, lora)
+        assert (outs["x0"] - euler(cfg_step(lambda a, _, m=single: m(*a), cond, uncond), x)).abs().mean() > 1e-3
+
+
+def test_modes_differ_and_switch_is_one_lora(unet, two_loras, setting):
+    x, cond, uncond = setting
+    results = {}
+    for mode in ("loratorio", "composite", "switch"):
+        call, router, _ = compose_sampler(unet, two_loras, Settings(enabled=True, mode=mode, switch_interval=100))
+        results[mode] = euler(cfg_step(call, cond, uncond), x)
+        router.remove()
+    assert (results["loratorio"] - results["composite"]).abs().mean() > 1e-3
+    first = merged_model(unet, two_loras[0])
+    torch.testing.assert_close(results["switch"], euler(cfg_step(lambda a, _: first(*a), cond, uncond), x),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_composite_is_mean_of_lora_predictions(unet, two_loras, setting):
+    x, cond, uncond = setting
+    inputs = (torch.cat([x, x]), SIGMAS[:1].repeat(4), torch.cat([cond, uncond]))
+    call, router, _ = compose_sampler(unet, two_loras, Settings(enabled=True, mode="composite"))
+    got = call(inputs, 0)
+    router.remove()
+    mean = sum(merged_model(unet, lo)(*inputs) for lo in two_loras) / 2
+    torch.testing.assert_close(got, mean, rtol=1e-4, atol=1e-4)
+
+
+def test_and_prompts_and_skipped_uncond_layouts(unet, two_loras, setting):
+    """AND: two cond rows for image 0; NGMS: no uncond rows at all. Each cond row is fused on its own weights."""
+    x, cond, uncond = setting
+    sigma = SIGMAS[1].repeat(5)
+    xs = torch.stack([x[0], x[0], x[1], x[0], x[1]])
+    ctx = torch.cat([cond[:1], uncond[:1], cond[1:], uncond])
+    layout = BatchLayout(cond_rows=(0, 1, 2), uncond_rows=(3, 4), uncond_of_cond=(0, 0, 1))
+    den = Denoiser(unet)
+    with MultiAdapter(unet, two_loras) as router:
+        composer = Composer(router, Settings(enabled=True, patch_size=4))
+        full = composer(lambda a: den(*a), (xs, sigma, ctx), layout, 1, xs, sigma)
+        w = composer.last_weights
+        skip = composer(lambda a: den(*a), (xs[:3], sigma[:3], ctx[:3]), BatchLayout((0, 1, 2)), 1, xs[:3], sigma[:3])
+        per_row = [composer(lambda a: den(*a), (xs[i:i + 1], sigma[:1], ctx[i:i + 1]), BatchLayout((0,)), 1,
+                            xs[i:i + 1], sigma[:1]) for i in range(3)]
+    torch.testing.assert_close(skip, full[:3])
+    torch.testing.assert_close(torch.cat(per_row), full[:3], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(w[:, 0], w[:, 1])  # the AND sub-prompts got their own maps
+
+
+def test_uncond_reference_and_layout_validation(unet, two_loras, setting):
+    x, cond, uncond = setting
+    inputs = (torch.cat([x, x]), SIGMAS[1].repeat(4), torch.cat([cond, uncond]))
+    with MultiAdapter(unet, two_loras) as router:
+        outs = [Composer(router, Settings(enabled=True, reference=r))(lambda a: unet(*a), inputs,
+                                                                      BatchLayout.cond_then_uncond(2), 0)
+                for r in ("cond", "uncond")]
+    assert not torch.allclose(outs[0], outs[1])
+    with pytest.raises(ValueError, match="uncond_of_cond"):
+        BatchLayout((0, 1), (2, 3), (0, 0))

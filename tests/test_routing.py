@@ -1,0 +1,179 @@
+"""Row-routed multi-adapter evaluation: peft's "mixed equals separate", slicing, merge equivalence, removal."""
+
+import copy
+
+import pytest
+import torch
+
+from loratorio.core import Callback, Dense, LowRank, MultiAdapter, RowRouting, evaluate, merged_weight
+from tests.toy import make_lora
+
+
+def run(unet, router, inputs, labels):
+    with router.routed(labels):
+        return unet(*inputs)
+
+
+def merged(unet, lora):
+    model = copy.deepcopy(unet)
+    with torch.no_grad():
+        for name, adapter in lora.items():
+            layer = model.get_submodule(name)
+            layer.weight += merged_weight(layer, adapter)
+    return model
+
+
+def test_lora_changes_output(unet, two_loras, inputs):
+    with MultiAdapter(unet, two_loras) as router:
+        base = run(unet, router, inputs, [None] * 6)
+        for i in (0, 1):
+            assert (run(unet, router, inputs, [i] * 6) - base).abs().mean() > 1e-2
+
+
+def test_each_adapter_kind_is_live(unet, two_loras, inputs):
+    """Every fixture layer's delta matters: dropping any one of them changes the LoRA's output."""
+    with MultiAdapter(unet, [two_loras[0]]) as router:
+        full = run(unet, router, inputs, [0] * 6)
+    for name in two_loras[0]:
+        partial = {k: v for k, v in two_loras[0].items() if k != name}
+        with MultiAdapter(unet, [partial]) as router:
+            assert not torch.allclose(run(unet, router, inputs, [0] * 6), full, atol=1e-6), name
+
+
+@pytest.mark.parametrize("labels", [[None, 0, 1, None, 0, 1], [1, 1, 0, 0, None, None], [0, None, None, 1, 0, 1]])
+def test_mixed_batch_equals_separate_runs(unet, two_loras, inputs, labels):
+    with MultiAdapter(unet, two_loras) as router:
+        separate = {a: run(unet, router, inputs, [a] * 6) for a in (None, 0, 1)}
+        mixed = run(unet, router, inputs, labels)
+    for row, label in enumerate(labels):
+        torch.testing.assert_close(mixed[row], separate[label][row], rtol=1e-5, atol=1e-5)
+
+
+def test_routed_equals_merged_weights(unet, two_loras, inputs):
+    with MultiAdapter(unet, two_loras) as router:
+        for i, lora in enumerate(two_loras):
+            routed = run(unet, router, inputs, [i] * 6)
+            torch.testing.assert_close(routed, merged(unet, lora)(*inputs), rtol=1e-4, atol=1e-5)
+
+
+def test_dense_and_callback_kinds_equal_low_rank(unet, two_loras, inputs):
+    lora = two_loras[0]
+    dense = {n: Dense(merged_weight(unet.get_submodule(n), a)) for n, a in lora.items()}
+    callback = {n: Callback(lambda x, y, a=a, n=n: a.apply(unet.get_submodule(n), x, y.clone()))
+                for n, a in lora.items()}
+    with MultiAdapter(unet, [lora, dense, callback]) as router:
+        outs = [run(unet, router, inputs, [i] * 6) for i in range(3)]
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(outs[2], outs[0], rtol=1e-5, atol=1e-6)
+
+
+def test_multiplier_zero_is_base_and_scales(unet, inputs):
+    off = make_lora(unet, seed=1, multiplier=0.0)
+    with MultiAdapter(unet, [off]) as router:
+        torch.testing.assert_close(run(unet, router, inputs, [0] * 6), unet(*inputs))
+
+
+def test_host_split_sub_batches_equal_one_call(unet, two_loras, inputs):
+    """A host that cuts the batch into in-order chunks (A1111 without batch_cond_uncond) still routes each row."""
+    labels = [None, 0, 1, None, 0, 1]
+    with MultiAdapter(unet, two_loras) as router:
+        whole = run(unet, router, inputs, labels)
+        with router.routed(labels):
+            parts = [unet(*(t[i:i + 2] for t in inputs)) for i in (0, 2, 4)]
+            again = unet(*inputs)  # the cursor wraps: a second full call after the chunks is routed from row 0
+    torch.testing.assert_close(torch.cat(parts), whole)
+    torch.testing.assert_close(again, whole)
+
+
+def test_routing_slice_equals_routing_of_slice():
+    routing = RowRouting((None, 0, 1, 1, 0, None))
+    assert routing.slice(1, 4) == RowRouting((0, 1, 1))
+    assert dict(routing.groups) == {0: (1, 4), 1: slice(2, 4)}
+
+
+def test_permuting_rows_permutes_outputs(unet, two_loras, inputs):
+    labels = [None, 0, 1, None, 0, 1]
+    perm = torch.tensor([5, 3, 1, 0, 2, 4])
+    with MultiAdapter(unet, two_loras) as router:
+        out = run(unet, router, inputs, labels)
+        permuted = run(unet, router, [t[perm] for t in inputs], [labels[i] for i in perm])
+    torch.testing.assert_close(permuted, out[perm], rtol=1e-5, atol=1e-6)
+
+
+def test_sequential_equals_batched_evaluation(unet, two_loras, inputs):
+    fn = lambda args: unet(*args)  # noqa: E731
+    with MultiAdapter(unet, two_loras) as router:
+        batched = evaluate(fn, inputs, router, batched=True)
+        sequential = evaluate(fn, inputs, router, batched=False)
+        chunked = evaluate(fn, inputs, router, batched=True, max_rows=12)
+        separate = torch.stack([run(unet, router, inputs, [a] * 6) for a in (None, 0, 1)])
+    assert batched.shape == (3, 6, 4, 8, 8)
+    for other in (sequential, chunked, separate):
+        torch.testing.assert_close(batched, other, rtol=1e-5, atol=1e-5)
+
+
+def snapshot(module):
+    """Everything install() may touch: hook dicts, instance attributes (a replaced forward) and parameters."""
+    return [(name, dict(m._forward_hooks), dict(m._forward_pre_hooks), dict(m._forward_hooks_with_kwargs),
+             sorted(m.__dict__), {k: v.clone() for k, v in m.state_dict().items()})
+            for name, m in module.named_modules()]
+
+
+def assert_same(before, after):
+    assert len(before) == len(after)
+    for b, a in zip(before, after, strict=True):
+        assert b[:5] == a[:5]
+        for k in b[5]:
+            assert torch.equal(b[5][k], a[5][k])
+
+
+def test_remove_restores_module_exactly(unet, two_loras, inputs):
+    before, out_before = snapshot(unet), unet(*inputs)
+    router = MultiAdapter(unet, two_loras).install()
+    assert snapshot(unet) != before  # the hooks were really there
+    run(unet, router, inputs, [0] * 6)
+    router.remove()
+    assert_same(before, snapshot(unet))
+    assert "forward" not in unet.to_q.__dict__
+    assert torch.equal(unet(*inputs), out_before)
+
+
+def test_remove_after_forward_raised(unet, two_loras, inputs):
+    before = snapshot(unet)
+    with pytest.raises(ValueError, match="rows"):
+        with MultiAdapter(unet, two_loras) as router:
+            with router.routed([0] * 5):  # wrong row count: the layer refuses it
+                unet(*inputs)
+    assert_same(before, snapshot(unet))
+    assert router.slot.full is None
+
+
+def test_no_routing_is_base_output(unet, two_loras, inputs):
+    base = unet(*inputs)
+    with MultiAdapter(unet, two_loras):
+        assert torch.equal(unet(*inputs), base)
+
+
+def test_validation(unet, two_loras):
+    with pytest.raises(ValueError, match="no module named"):
+        MultiAdapter(unet, [{"nope": two_loras[0]["to_q"]}])
+    with pytest.raises(ValueError, match="only Linear and Conv2d"):
+        MultiAdapter(unet, [{"": two_loras[0]["to_q"]}])
+    router = MultiAdapter(unet, two_loras)
+    with pytest.raises(ValueError, match="adapters \\[2\\]"):
+        with router.routed([2]):
+            pass
+    with router:
+        with pytest.raises(RuntimeError, match="already installed"):
+            router.install()
+
+
+def test_layer_without_that_adapter_is_base(unet, inputs):
+    """A LoRA need not target every layer: rows routed to it see base weights elsewhere."""
+    only_q = {"to_q": LowRank(torch.randn(2, 8), torch.randn(8, 2))}
+    with MultiAdapter(unet, [only_q]) as router:
+        out = run(unet, router, inputs, [0] * 6)
+    ref = copy.deepcopy(unet)
+    with torch.no_grad():
+        ref.to_q.weight += merged_weight(ref.to_q, only_q["to_q"])
+    torch.testing.assert_close(out, ref(*inputs), rtol=1e-4, atol=1e-5)

@@ -1,0 +1,64 @@
+"""Settings: validation with clear messages, and dict / infotext round trips (one definition for API, UI, infotext)."""
+
+import dataclasses
+
+import pytest
+
+from loratorio.core import Settings
+
+
+def test_defaults_are_valid_and_disabled():
+    s = Settings()
+    assert not s.enabled and s.mode == "loratorio" and s.recentre == 0.5
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("patch_size", 0, r"'patch_size' must be in \[1, 128\]"),
+    ("temperature", 0.0, "'temperature' must be in"),
+    ("temperature", float("nan"), "'temperature' must be in"),
+    ("recentre", 1.5, "'recentre' must be in"),
+    ("top_k", -1, "'top_k' must be in"),
+    ("mode", "merge", "'mode' must be one of"),
+    ("reference", "x", "'reference' must be one of"),
+    ("evaluation", "fast", "'evaluation' must be one of"),
+    ("patch_size", 2.5, "'patch_size' must be a int"),
+    ("enabled", "yes", "'enabled' must be a bool"),
+    ("patch_size", True, "'patch_size' must be a int"),
+])
+def test_bad_values_name_the_field(field, value, needle):
+    with pytest.raises(ValueError, match=needle):
+        Settings.from_dict({field: value})
+
+
+def test_start_must_precede_end():
+    with pytest.raises(ValueError, match="'start'"):
+        Settings(start=0.6, end=0.5)
+
+
+def test_unknown_key_is_an_error():
+    with pytest.raises(ValueError, match="unknown LoRAtorio setting"):
+        Settings.from_dict({"patchsize": 4})
+
+
+def test_dict_round_trip_and_coercion():
+    s = Settings.from_dict({"enabled": True, "patch_size": 4.0, "temperature": "0.1", "mode": "Composite"})
+    assert (s.patch_size, s.temperature, s.mode) == (4, 0.1, "composite")
+    assert Settings.from_dict(s.to_dict()) == s
+    assert Settings.from_dict({}) == Settings()
+
+
+def test_infotext_round_trip():
+    s = Settings(enabled=True, mode="switch", patch_size=4, temperature=0.125, recentre=0.3, top_k=2,
+                 reference="uncond", evaluation="sequential", switch_interval=3, start=0.1, end=0.9)
+    text = s.to_infotext()
+    assert text["LoRAtorio patch size"] == "4" and text["LoRAtorio temperature"] == "0.125"
+    assert all(isinstance(v, str) for v in text.values())
+    assert Settings.from_infotext(text) == s
+    assert Settings.from_infotext({"Steps": "20"}) == Settings()
+    assert Settings(patch_size=4).to_infotext() == {}
+
+
+def test_every_field_reaches_the_infotext_or_is_ui_only():
+    keys = Settings(enabled=True).to_infotext()
+    names = {f.name for f in dataclasses.fields(Settings)}
+    assert len(keys) == len(names - {"enabled", "show_maps"})
