@@ -15,11 +15,12 @@ from loratorio.core.fusion import (
 from loratorio.core.lora_file import adapters_for_model, kohya_name, to_adapter, to_state_dict
 from loratorio.core.modes import MODES, in_window, mode_recentre, mode_weights, switch_index
 from loratorio.core.routing import MultiAdapter, RoutingSlot, RowRouting
-from loratorio.core.settings import Settings
+from loratorio.core.settings import ARG_ORDER, Settings, settings_from_args
 
 __all__ = [
-    "MODES", "Adapter", "BatchLayout", "Callback", "Composer", "Dense", "LowRank", "MultiAdapter", "RoutingSlot",
-    "RowRouting", "Settings", "adapters_for_model", "compose", "evaluate", "in_window", "kohya_name", "merged_weight",
-    "mode_recentre", "mode_weights", "patch_similarity", "patch_weights", "recentre_uncond", "softmin_weights",
-    "switch_index", "to_adapter", "to_eps", "to_state_dict", "tree_map", "tree_repeat", "weighted_sum",
+    "ARG_ORDER", "MODES", "Adapter", "adapters_for_model", "BatchLayout", "Callback", "compose", "Composer",
+    "Dense", "evaluate", "in_window", "kohya_name", "LowRank", "merged_weight", "mode_recentre", "mode_weights",
+    "MultiAdapter", "patch_similarity", "patch_weights", "recentre_uncond", "RoutingSlot", "RowRouting",
+    "Settings", "settings_from_args", "softmin_weights", "switch_index", "to_adapter", "to_eps", "to_state_dict",
+    "tree_map", "tree_repeat", "weighted_sum",
 ]

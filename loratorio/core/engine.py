@@ -68,22 +68,18 @@ class Composer:
             return tuple(range(n))
         return (None, *range(n))
 
-    def __call__(
-        self,
-        fn: Callable[[Any], Tensor],
-        inputs: Any,
-        layout: BatchLayout,
-        step: int,
-        x: Tensor | None = None,
-        sigma: Tensor | None = None,
-    ) -> Tensor:
-        """fn(inputs) -> predictions (B, C, H, W) in ε space, or in x0 space when x and sigma are given.
+    def predict(self, fn: Callable[[Any], Tensor], inputs: Any, step: int) -> Tensor:
+        """The step's model outputs for each of `groups(step)`, stacked as (G, B, ...)."""
+        return evaluate(fn, inputs, self.router, batched=self.batched, adapters=self.groups(step),
+                        max_rows=self.max_rows)
 
-        x, sigma: the host batch's noisy latent and sigma, (B, C, H, W) and (B,).
+    def fuse(self, preds: Tensor, layout: BatchLayout, step: int, x: Tensor | None = None,
+             sigma: Tensor | None = None) -> Tensor:
+        """Fused cond rows and re-centred uncond rows from `predict`'s output, shaped like one group's batch.
+
+        preds in ε space, or in x0 space when the batch's x and sigma ((B, C, H, W) and (B,)) are given.
         """
         s = self.settings
-        groups = self.groups(step)
-        preds = evaluate(fn, inputs, self.router, batched=self.batched, adapters=groups, max_rows=self.max_rows)
         if s.mode == "switch":
             return preds[0]
         base = preds[0] if s.mode == "loratorio" else None
@@ -109,3 +105,15 @@ class Composer:
             base_unc = base[unc] if base is not None else fused
             out[unc] = recentre_uncond(base_unc, fused, mode_recentre(s.mode, s.recentre))
         return out
+
+    def __call__(
+        self,
+        fn: Callable[[Any], Tensor],
+        inputs: Any,
+        layout: BatchLayout,
+        step: int,
+        x: Tensor | None = None,
+        sigma: Tensor | None = None,
+    ) -> Tensor:
+        """One step: `fuse(predict(...))`; fn(inputs) -> (B, C, H, W) predictions (x0 space when x, sigma given)."""
+        return self.fuse(self.predict(fn, inputs, step), layout, step, x, sigma)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,6 +87,19 @@ class Settings:
         if not values:
             return cls()
         return cls.from_dict({**values, "enabled": True})
+
+
+ARG_ORDER = tuple(f.name for f in dataclasses.fields(Settings))
+
+
+def settings_from_args(args: Sequence[Any]) -> Settings:
+    """A script's args: the positional UI order (ARG_ORDER), or one dict of named settings (API named form)."""
+    if args and isinstance(args[0], Mapping):
+        return Settings.from_dict(args[0])
+    if len(args) > len(ARG_ORDER):
+        raise ValueError(f"LoRAtorio takes at most {len(ARG_ORDER)} positional args {list(ARG_ORDER)}, "
+                         f"got {len(args)}")
+    return Settings.from_dict(dict(zip(ARG_ORDER, args, strict=False)))
 
 
 def infotext_key(f: dataclasses.Field) -> str:

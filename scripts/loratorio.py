@@ -1,0 +1,90 @@
+"""LoRAtorio AlwaysOn script: UI, arguments and delegation to the host glue in `loratorio.hosts`."""
+
+import logging
+import sys
+
+import gradio as gr
+from modules import errors, script_callbacks, scripts, shared
+from modules.ui_components import InputAccordion
+
+from loratorio import maps, ui
+from loratorio.core import settings_from_args
+from loratorio.hosts import a1111
+from loratorio.hosts.detect import A1111, detect_host
+
+log = logging.getLogger("loratorio")
+HOST = detect_host()
+
+
+class LoratorioScript(scripts.Script):
+    sorting_priority = 15
+
+    def title(self):
+        return "LoRAtorio"
+
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible
+
+    def ui(self, is_img2img):
+        components = ui.build(gr, InputAccordion, is_img2img)
+        self.infotext_fields = ui.infotext_fields(components)
+        self.paste_field_names = [key for _, key in self.infotext_fields if isinstance(key, str)]
+        return components
+
+    def process(self, p, *args):
+        self._remove()
+        self.maps, self.pending_maps = [], None
+        # A bad API value raises here, before any work, with a message naming the field (HTTP error, server lives).
+        self.settings = settings_from_args(args)
+        if self.settings.enabled:
+            p.extra_generation_params.update(self.settings.to_infotext())
+
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        self._remove()
+        if not getattr(self, "settings", None) or not self.settings.enabled:
+            return
+        if HOST != A1111:
+            return self._warn(p, f"LoRAtorio does not support this WebUI ({HOST}) yet; sampled normally")
+        try:
+            from modules.sd_samplers_cfg_denoiser import CFGDenoiser
+
+            self.state = a1111.install(p, self.settings, sd_model=shared.sd_model,
+                                       networks_module=sys.modules.get("networks"),
+                                       base_denoiser_cls=CFGDenoiser, warn=lambda msg: self._warn(p, msg))
+        except Exception as exc:  # host boundary: report, undo, and sample normally
+            errors.report("LoRAtorio could not start; sampling normally", exc_info=True)
+            self._remove()
+            self._warn(p, f"LoRAtorio could not start ({exc}); sampled normally")
+
+    def before_hr(self, p, *args):
+        self._remove()
+
+    def postprocess_batch(self, p, *args, **kwargs):
+        self._remove()
+        if self.pending_maps is not None:
+            self.maps.extend(self.pending_maps)
+            self.pending_maps = None
+
+    def postprocess(self, p, processed, *args):
+        self._remove()
+        for caption, image in self.maps:
+            processed.images.append(image)
+            processed.infotexts.append(caption)
+        self.maps = []
+
+    def _remove(self):
+        state, self.state = getattr(self, "state", None), None
+        if state is None:
+            return
+        a1111.remove(state)
+        if state.map_steps:
+            names = [n.mentioned_name or n.name for n in state.networks]
+            self.pending_maps = maps.weight_map_images(state.map_sum / state.map_steps, names)
+
+    def _warn(self, p, message):
+        log.warning(message)
+        p.extra_generation_params["LoRAtorio warning"] = message
+
+
+script_callbacks.on_cfg_denoiser(a1111.on_cfg_denoiser)
+script_callbacks.on_cfg_denoised(a1111.on_cfg_denoised)

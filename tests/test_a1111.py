@@ -1,0 +1,247 @@
+"""A1111 host glue against fakes of the CFG denoiser and the built-in Lora extension (tests/fake_a1111.py)."""
+
+from __future__ import annotations
+
+import itertools
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from loratorio.core import BatchLayout, Composer, MultiAdapter, Settings
+from loratorio.hosts import a1111
+from tests import fake_a1111 as fake
+from tests.toy import CTX, make_lora, make_unet
+
+STEPS = 4
+SIGMAS = torch.tensor([6.0, 3.0, 1.5, 0.5, 0.0])
+CFG = 4.0
+ON = Settings(enabled=True, patch_size=4, temperature=0.05)
+
+
+class Host:
+    """One fake WebUI: UNet with host-merged LoRA layers, two networks, callbacks registered like the script does."""
+
+    def __init__(self, dense=False):
+        self.unet = make_unet()
+        self.loras = [make_lora(self.unet, seed=1), make_lora(self.unet, seed=2)]
+        self.networks_module = fake.NetworksModule()
+        self.sd_model = fake.make_sd_model(self.unet, self.networks_module)
+        self.networks = [fake.Network(n, lo, self.sd_model, dense=dense) for n, lo in zip("ab", self.loras,
+                                                                                         strict=True)]
+        self.networks_module.loaded_networks[:] = self.networks
+        self.opts = fake.Opts()
+        self.callbacks = fake.Callbacks([a1111.on_cfg_denoiser], [a1111.on_cfg_denoised])
+        self.warnings: list[str] = []
+
+    def denoiser(self, cls=fake.CFGDenoiser):
+        return cls(self.sd_model, self.opts, self.callbacks, STEPS)
+
+    def install(self, denoiser, settings=ON):
+        p = SimpleNamespace(sampler=SimpleNamespace(model_wrap_cfg=denoiser), extra_generation_params={})
+        return a1111.install(p, settings, sd_model=self.sd_model, networks_module=self.networks_module,
+                             base_denoiser_cls=fake.CFGDenoiser, warn=self.warnings.append)
+
+
+def conds(images=2, tokens=3, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(images, tokens, CTX, generator=g)
+
+
+def latent(images=2):
+    return torch.randn(images, 4, 8, 8, generator=torch.Generator().manual_seed(3)) * SIGMAS[0]
+
+
+def simple(cond):
+    return [[(i, 1.0)] for i in range(cond.shape[0])], cond
+
+
+@torch.no_grad()
+def sample(denoiser, x, cond, uncond, s_min_uncond=0.0, eps=False):
+    """sample_euler over the fake CFG denoiser; ε-returning denoisers are turned into x0 the way DDIM does."""
+    image_cond = torch.zeros(x.shape[0], 5, 1, 1)
+    for i in range(STEPS):
+        s = SIGMAS[i].repeat(x.shape[0])
+        out = denoiser(x, s, uncond, cond, CFG, s_min_uncond, image_cond)
+        den = x - SIGMAS[i] * out if eps else out
+        x = x + (x - den) / SIGMAS[i] * (SIGMAS[i + 1] - SIGMAS[i])
+    return x
+
+
+@torch.no_grad()
+def reference(host, x, cond_rows, uncond, layout, settings=ON):
+    """The same sampling done directly with the core engine: the glue must reproduce it.
+
+    Cond and uncond rows are evaluated in separate UNet calls per contiguous run, so contexts of different token
+    lengths work as they do in the host.
+    """
+    saved = list(host.networks_module.loaded_networks)
+    host.networks_module.loaded_networks.clear()
+    conds_list, tensor = cond_rows
+    owner = [i for i, c in enumerate(conds_list) for _ in c]
+    weights = [w for c in conds_list for _, w in c]
+    n = len(owner)
+
+    def den_fn(a):
+        xs, ss, idx = a
+        outs = []
+        for is_uncond, rows in itertools.groupby(range(len(idx)), key=lambda r: bool(idx[r] >= n)):
+            sl = list(rows)
+            sl = slice(sl[0], sl[-1] + 1)
+            ctx = uncond[idx[sl] - n] if is_uncond else tensor[idx[sl]]
+            outs.append(xs[sl] - ss[sl].view(-1, 1, 1, 1) * host.unet(xs[sl], ss[sl], ctx))
+        return torch.cat(outs)
+
+    with MultiAdapter(host.unet, host.loras) as router:
+        composer = Composer(router, settings)
+        for i in range(STEPS):
+            x_in = torch.cat([x[owner], x]) if layout.uncond_rows else x[owner]
+            s_in = SIGMAS[i].repeat(x_in.shape[0])
+            out = composer(den_fn, (x_in, s_in, torch.arange(x_in.shape[0])), layout, i, x_in, s_in)
+            if layout.uncond_rows:
+                unc = out[n:]
+                den = unc.clone()
+                for row, (img, w) in enumerate(zip(owner, weights, strict=True)):
+                    den[img] += (out[row] - unc[img]) * (w * CFG)
+            else:
+                den = out[[c[0][0] for c in conds_list]]
+            x = x + (x - den) / SIGMAS[i] * (SIGMAS[i + 1] - SIGMAS[i])
+    host.networks_module.loaded_networks[:] = saved
+    return x
+
+
+def run(host, settings=ON, cls=fake.CFGDenoiser, **kw):
+    denoiser = host.denoiser(cls)
+    state = host.install(denoiser, settings)
+    try:
+        return sample(denoiser, **kw), state
+    finally:
+        a1111.remove(state)
+
+
+def test_composes_exactly_like_the_core_engine():
+    host, x, c, u = Host(), latent(), conds(), conds(seed=8)
+    got, state = run(host, x=x, cond=simple(c), uncond=u)
+    assert state.composer.batched and not host.warnings
+    torch.testing.assert_close(got, reference(host, x, simple(c), u, BatchLayout.cond_then_uncond(2)))
+    plain = sample(host.denoiser(), x, simple(c), u)
+    assert (got - plain).abs().mean() > 1e-3  # LoRAtorio is not the host's merge
+
+
+@pytest.mark.parametrize("case", ["batch_cond_uncond off", "different token lengths", "timestep sampler",
+                                  "sequential", "dense modules"])
+def test_host_variants_reproduce_the_engine(case):
+    host = Host(dense=case == "dense modules")
+    x, c, u = latent(), conds(), conds(seed=8)
+    if case == "different token lengths":  # the host then evaluates cond and uncond in separate calls
+        u = torch.cat([u, conds(tokens=2, seed=11)], dim=1)
+    if case == "batch_cond_uncond off":
+        host.opts.batch_cond_uncond = False
+    settings = Settings(**{**ON.to_dict(), "evaluation": "sequential"}) if case == "sequential" else ON
+    cls = fake.CFGDenoiserTimesteps if case == "timestep sampler" else fake.CFGDenoiser
+    got, state = run(host, settings, cls=cls, x=x, cond=simple(c), uncond=u, eps=case == "timestep sampler")
+    assert state.composer.batched == (case != "sequential")
+    assert state.eps_space == (case == "timestep sampler")
+    expect = reference(host, x, simple(c), u, BatchLayout.cond_then_uncond(2))
+    torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-4)
+
+
+def test_and_prompts_fuse_each_sub_prompt_and_pair_uncond_with_its_image():
+    host, x, u = Host(), latent(), conds(seed=8)
+    tensor = conds(images=3, seed=9)
+    cond = ([[(0, 1.0), (1, 0.5)], [(2, 1.0)]], tensor)
+    got, _ = run(host, x=x, cond=cond, uncond=u)
+    layout = BatchLayout((0, 1, 2), (3, 4), (0, 0, 1))
+    torch.testing.assert_close(got, reference(host, x, cond, u, layout))
+
+
+def test_skipped_uncond_steps_use_the_fused_cond():
+    host, x, c, u = Host(), latent(), conds(), conds(seed=8)
+    host.opts.s_min_uncond_all = True
+    got, _ = run(host, x=x, cond=simple(c), uncond=u, s_min_uncond=100.0)
+    torch.testing.assert_close(got, reference(host, x, simple(c), u, BatchLayout((0, 1))))
+
+
+def test_disabled_is_bit_identical_to_the_host():
+    host, x, c, u = Host(), latent(), conds(), conds(seed=8)
+    with_callbacks = sample(host.denoiser(), x, simple(c), u)
+    host.callbacks = fake.Callbacks()
+    assert torch.equal(with_callbacks, sample(host.denoiser(), x, simple(c), u))
+
+
+def test_remove_leaves_host_exactly_as_before():
+    host = Host()
+    denoiser = host.denoiser()
+    original_wrap, loaded = denoiser.inner_model, list(host.networks_module.loaded_networks)
+    hooks = [(m, dict(m._forward_hooks), dict(m._forward_pre_hooks)) for m in host.unet.modules()]
+    state = host.install(denoiser)
+    assert isinstance(denoiser.model_wrap, a1111.RoutedInnerModel)
+    sample(denoiser, latent(), simple(conds()), conds(seed=8))
+    a1111.remove(state)
+    a1111.remove(state)  # idempotent
+    assert denoiser.model_wrap is original_wrap and not hasattr(denoiser, "loratorio_state")
+    assert host.networks_module.loaded_networks == loaded
+    assert all(dict(m._forward_hooks) == h and dict(m._forward_pre_hooks) == pre for m, h, pre in hooks)
+
+
+def test_exception_inside_a_step_falls_back_to_plain_sampling(monkeypatch):
+    host, x, c, u = Host(), latent(), conds(), conds(seed=8)
+    denoiser = host.denoiser()
+    state = host.install(denoiser)
+    real_predict = state.composer.predict
+
+    def flaky(fn, inputs, step):
+        if step == 2:
+            raise RuntimeError("boom")
+        return real_predict(fn, inputs, step)
+
+    monkeypatch.setattr(state.composer, "predict", flaky)
+    got = sample(denoiser, x, simple(c), u)
+    a1111.remove(state)
+    assert state.failed and "boom" in host.warnings[0] and len(host.warnings) == 1
+    assert host.networks_module.loaded_networks == host.networks
+    assert torch.isfinite(got).all()
+    # From the failed step on, the host's own (merged-LoRA) prediction was used.
+    s = SIGMAS[3].repeat(2)
+    after = denoiser(x, s, u, simple(c), CFG, 0.0, torch.zeros(2, 5, 1, 1))
+    torch.testing.assert_close(after, host.denoiser()(x, s, u, simple(c), CFG, 0.0, torch.zeros(2, 5, 1, 1)))
+
+
+def test_declines_clearly():
+    host = Host()
+    host.networks_module.loaded_networks[:] = host.networks[:1]
+    assert host.install(host.denoiser()) is None
+    assert "needs 2 or more LoRAs" in host.warnings[-1]
+    host.networks_module.loaded_networks[:] = host.networks
+    host.sd_model.cond_stage_key = "edit"
+    assert host.install(host.denoiser()) is None
+    assert "InstructPix2Pix" in host.warnings[-1]
+
+
+def test_wrapped_unet_forward_means_sequential_in_auto_mode():
+    host = Host()
+    original = host.unet.forward
+    host.unet.forward = lambda *a, **k: original(*a, **k)  # what ControlNet does to the UNet instance
+    state = host.install(host.denoiser())
+    assert not state.composer.batched
+    a1111.remove(state)
+
+
+def test_refiner_swap_is_reported():
+    host, x, c, u = Host(), latent(), conds(), conds(seed=8)
+    denoiser = host.denoiser()
+    state = host.install(denoiser)
+    image_cond = torch.zeros(2, 5, 1, 1)
+    denoiser(x, SIGMAS[:1].repeat(2), u, simple(c), CFG, 0.0, image_cond)
+    denoiser.model_wrap = None  # apply_refiner -> update_inner_model
+    denoiser(x, SIGMAS[1:2].repeat(2), u, simple(c), CFG, 0.0, image_cond)
+    a1111.remove(state)
+    assert state.failed and "refiner" in host.warnings[0]
+
+
+def test_weight_maps_accumulate_per_image():
+    host = Host()
+    settings = Settings(**{**ON.to_dict(), "show_maps": True})
+    _, state = run(host, settings, x=latent(), cond=simple(conds()), uncond=conds(seed=8))
+    assert state.map_steps == STEPS and state.map_sum.shape == (2, 2, 8, 8)
+    torch.testing.assert_close(state.map_sum.sum(0), torch.full((2, 8, 8), float(STEPS)))
