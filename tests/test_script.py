@@ -1,0 +1,149 @@
+"""The entry script's lifecycle against fake `modules` / `gradio` packages (A1111's Script API surface)."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import sys
+import types
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from loratorio.core import ARG_ORDER
+from tests import fake_a1111 as fake
+from tests.test_a1111 import Host, conds, latent, sample, simple
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Component:
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+        self.value = kwargs.get("value", args[0] if args else None)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def module(name, **attrs):
+    mod = types.ModuleType(name)
+    mod.__spec__ = importlib.machinery.ModuleSpec(name, None)
+    mod.__dict__.update(attrs)
+    return mod
+
+
+@pytest.fixture
+def script_env(monkeypatch):
+    host = Host()
+    registered = {}
+    reports = []
+
+    class Script:
+        pass
+
+    mods = {
+        "gradio": module("gradio", Slider=Component, Dropdown=Component, Checkbox=Component, Row=Component,
+                         Accordion=Component),
+        "modules": module("modules"),
+        "modules.scripts": module("modules.scripts", Script=Script, AlwaysVisible=object()),
+        "modules.script_callbacks": module(
+            "modules.script_callbacks", on_cfg_denoiser=lambda f: registered.setdefault("denoiser", f),
+            on_cfg_denoised=lambda f: registered.setdefault("denoised", f)),
+        "modules.errors": module("modules.errors", report=lambda msg, exc_info=False: reports.append(msg)),
+        "modules.shared": module("modules.shared", sd_model=host.sd_model),
+        "modules.ui_components": module("modules.ui_components", InputAccordion=Component),
+        "modules.sd_samplers_cfg_denoiser": module("modules.sd_samplers_cfg_denoiser", CFGDenoiser=fake.CFGDenoiser),
+        "networks": host.networks_module,
+    }
+    for name, mod in mods.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    for name in ("errors", "script_callbacks", "scripts", "shared", "ui_components", "sd_samplers_cfg_denoiser"):
+        monkeypatch.setattr(mods["modules"], name, mods[f"modules.{name}"], raising=False)
+    spec = importlib.util.spec_from_file_location("loratorio_entry_script", ROOT / "scripts" / "loratorio.py")
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    host.callbacks = fake.Callbacks([registered["denoiser"]], [registered["denoised"]])
+    return SimpleNamespace(host=host, entry=entry, script=entry.LoratorioScript(), reports=reports)
+
+
+def make_p(host):
+    denoiser = host.denoiser()
+    return SimpleNamespace(sampler=SimpleNamespace(model_wrap_cfg=denoiser), extra_generation_params={}), denoiser
+
+
+def test_ui_order_and_infotext_fields(script_env):
+    components = script_env.script.ui(False)
+    assert len(components) == len(ARG_ORDER)
+    assert components[ARG_ORDER.index("patch_size")].kwargs["label"] == "Patch size"
+    keys = [k for _, k in script_env.script.infotext_fields if isinstance(k, str)]
+    assert "LoRAtorio patch size" in keys and script_env.entry.HOST == "a1111"
+
+
+def test_enabled_run_installs_composes_and_cleans_up(script_env):
+    env = script_env
+    p, denoiser = make_p(env.host)
+    env.script.process(p, {"enabled": True, "patch_size": 4})
+    assert p.extra_generation_params["LoRAtorio patch size"] == "4"
+    env.script.process_before_every_sampling(p, {"enabled": True, "patch_size": 4})
+    assert env.script.state is not None and "LoRAtorio warning" not in p.extra_generation_params
+    x, c, u = latent(), conds(), conds(seed=8)
+    composed = sample(denoiser, x, simple(c), u)
+    env.script.postprocess(p, SimpleNamespace(images=[], infotexts=[]))
+    assert env.script.state is None and not isinstance(denoiser.model_wrap, env.entry.a1111.RoutedInnerModel)
+    plain = sample(env.host.denoiser(), x, simple(c), u)
+    assert (composed - plain).abs().mean() > 1e-3
+
+
+def test_disabled_changes_nothing(script_env):
+    env = script_env
+    p, denoiser = make_p(env.host)
+    args = [False]
+    env.script.process(p, *args)
+    env.script.process_before_every_sampling(p, *args)
+    assert p.extra_generation_params == {} and denoiser.model_wrap is None
+    x, c, u = latent(), conds(), conds(seed=8)
+    assert torch.equal(sample(denoiser, x, simple(c), u), sample(env.host.denoiser(), x, simple(c), u))
+
+
+def test_bad_api_value_is_a_clear_error(script_env):
+    p, _ = make_p(script_env.host)
+    with pytest.raises(ValueError, match="'temperature' must be in"):
+        script_env.script.process(p, {"enabled": True, "temperature": -1})
+    with pytest.raises(ValueError, match="unknown LoRAtorio setting"):
+        script_env.script.process(p, {"enabled": True, "tau": 1})
+
+
+def test_positional_args_in_ui_order(script_env):
+    p, _ = make_p(script_env.host)
+    script_env.script.process(p, True, "composite", 4, 0.1, 0.5, 0, "cond", "auto", 5, 0.0, 1.0, False)
+    assert p.extra_generation_params["LoRAtorio mode"] == "composite"
+
+
+def test_show_maps_adds_images(script_env):
+    env = script_env
+    p, denoiser = make_p(env.host)
+    args = {"enabled": True, "patch_size": 4, "show_maps": True}
+    env.script.process(p, args)
+    env.script.process_before_every_sampling(p, args)
+    sample(denoiser, latent(), simple(conds()), conds(seed=8))
+    env.script.postprocess_batch(p, args)
+    processed = SimpleNamespace(images=[], infotexts=[])
+    env.script.postprocess(p, processed, args)
+    assert len(processed.images) == 4  # 2 images × 2 LoRAs
+    assert processed.images[0].size == (64, 64) and "weight map: a" in processed.infotexts[0]
+
+
+def test_install_failure_is_reported_and_sampling_is_plain(script_env, monkeypatch):
+    env = script_env
+    p, denoiser = make_p(env.host)
+    env.script.process(p, {"enabled": True})
+    monkeypatch.setattr(env.entry.a1111, "unet_adapters", lambda *a: 1 / 0)
+    env.script.process_before_every_sampling(p, {"enabled": True})
+    assert env.reports and "could not start" in p.extra_generation_params["LoRAtorio warning"]
+    assert denoiser.model_wrap is None and env.host.unet._forward_pre_hooks == {}
