@@ -52,14 +52,15 @@ class Callbacks:
     denoised: list = field(default_factory=list)
 
 
-class KDiffusionWrap:
-    """k-diffusion CompVisDenoiser: returns denoised x0 for a k-diffusion sigma."""
+class KDiffusionWrap(nn.Module):
+    """k-diffusion CompVisDenoiser (an nn.Module): returns denoised x0 for a k-diffusion sigma."""
 
     def __init__(self, sd_model):
+        super().__init__()
         self.inner_model = sd_model
-        self.sigmas = torch.linspace(0.1, 10, 10)
+        self.register_buffer("sigmas", torch.linspace(0.1, 10, 10))
 
-    def __call__(self, x, sigma, cond):
+    def forward(self, x, sigma, cond):
         eps = self.inner_model.model.diffusion_model(x, sigma, cond["c_crossattn"][0])
         return x - sigma.view(-1, 1, 1, 1) * eps
 
@@ -67,14 +68,17 @@ class KDiffusionWrap:
 class TimestepsWrap(KDiffusionWrap):
     """CompVisTimestepsDenoiser: returns ε for integer-like timesteps."""
 
-    def __call__(self, x, t, cond):
+    def forward(self, x, t, cond):
         return self.inner_model.model.diffusion_model(x, t, cond["c_crossattn"][0])
 
 
-class CFGDenoiser:
+class CFGDenoiser(nn.Module):
+    """An nn.Module, as the host's is: `model_wrap` is then a registered child module."""
+
     wrap_cls = KDiffusionWrap
 
     def __init__(self, sd_model, opts, callbacks, total_steps):
+        super().__init__()
         self.sd_model, self.opts, self.callbacks = sd_model, opts, callbacks
         self.model_wrap = None
         self.step, self.total_steps = 0, total_steps
@@ -149,7 +153,6 @@ class CFGDenoiser:
         self.step += 1
         return denoised
 
-    __call__ = forward
 
 
 class CFGDenoiserTimesteps(CFGDenoiser):

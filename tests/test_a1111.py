@@ -245,3 +245,15 @@ def test_weight_maps_accumulate_per_image():
     _, state = run(host, settings, x=latent(), cond=simple(conds()), uncond=conds(seed=8))
     assert state.map_steps == STEPS and state.map_sum.shape == (2, 2, 8, 8)
     torch.testing.assert_close(state.map_sum.sum(0), torch.full((2, 8, 8), float(STEPS)))
+
+
+def test_install_failing_midway_leaves_no_hook(monkeypatch):
+    host = Host()
+    denoiser = host.denoiser()
+    original = denoiser.inner_model
+    monkeypatch.setattr(a1111.RoutedInnerModel, "__init__", lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        host.install(denoiser)
+    assert denoiser.model_wrap is original and not hasattr(denoiser, "loratorio_state")
+    assert host.unet._forward_pre_hooks == {} and all(
+        len(m._forward_hooks) == 1 for m in host.unet.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))

@@ -21,7 +21,7 @@ URL = os.environ.get("LORATORIO_WEBUI_URL", "")
 LORAS = os.environ.get("LORATORIO_LORAS", "lora_a,lora_b").split(",")
 pytestmark = [pytest.mark.webui, pytest.mark.skipif(not URL, reason="set LORATORIO_WEBUI_URL to a running WebUI")]
 
-BASE = {"prompt": "a cat in a garden", "negative_prompt": "blurry", "seed": 1234, "steps": 6, "width": 64,
+BASE = {"prompt": "a cat in a garden", "negative_prompt": "", "seed": 1234, "steps": 4, "width": 64,
         "height": 64, "cfg_scale": 5, "sampler_name": "Euler"}
 TWO = f" <lora:{LORAS[0]}:1> <lora:{LORAS[1]}:1>"
 

@@ -107,18 +107,26 @@ def cond_layout(x_in: Tensor, n_cond: int, n_images: int) -> BatchLayout:
     return BatchLayout(tuple(range(n_cond)), tuple(range(n_cond, n_cond + n_images)), tuple(owner))
 
 
-class RoutedInnerModel:
-    """Stands in for the CFG denoiser's inner model (k-diffusion or timestep wrapper) for one sampling pass."""
+class RoutedInnerModel(nn.Module):
+    """Stands in for the CFG denoiser's inner model (k-diffusion or timestep wrapper) for one sampling pass.
 
-    def __init__(self, inner: Any, state: GenerationState) -> None:
+    An nn.Module because the host's denoiser registers `model_wrap` as a child module.
+    """
+
+    def __init__(self, inner: nn.Module, state: GenerationState) -> None:
+        super().__init__()
         self.inner = inner
-        self.state = state
+        # Not a submodule: the state is plain Python; bypass nn.Module's attribute bookkeeping for it.
+        object.__setattr__(self, "state", state)
 
     def __getattr__(self, name: str) -> Any:
         # Samplers read sigmas, alphas and helpers off the inner model: everything but the call is the original's.
-        return getattr(self.inner, name)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("inner"), name)
 
-    def __call__(self, x: Tensor, sigma: Tensor, **kwargs: Any) -> Tensor:
+    def forward(self, x: Tensor, sigma: Tensor, **kwargs: Any) -> Tensor:
         return self.state.model_call(self.inner, x, sigma, kwargs)
 
 
@@ -261,10 +269,14 @@ def install(p: Any, settings: Settings, *, sd_model: Any, networks_module: Any, 
     state = GenerationState(settings, networks_module, router, Composer(router, settings, batched=batched),
                             uses_eps(denoiser, base_denoiser_cls), networks, denoiser=denoiser, warn=warn)
     state.original_wrap = denoiser.inner_model
-    router.install()
-    denoiser.model_wrap = RoutedInnerModel(state.original_wrap, state)
-    # Kept so that a model swap mid-pass (the refiner drops model_wrap) can still be noticed and reported.
-    denoiser.loratorio_state = state
+    try:
+        router.install()
+        denoiser.model_wrap = RoutedInnerModel(state.original_wrap, state)
+        # Kept so that a model swap mid-pass (the refiner drops model_wrap) can still be noticed and reported.
+        denoiser.loratorio_state = state
+    except BaseException:
+        remove(state)
+        raise
     log.info("LoRAtorio: %d LoRAs, mode %s, %s evaluation", len(networks), settings.mode,
              "batched" if batched else "sequential")
     return state
