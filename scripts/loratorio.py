@@ -33,14 +33,21 @@ class LoratorioScript(scripts.Script):
 
     def process(self, p, *args):
         self._remove()
-        self.maps, self.pending_maps = [], None
-        # A bad API value raises here, before any work, with a message naming the field (HTTP error, server lives).
-        self.settings = settings_from_args(args)
+        self.maps, self.pending_maps, self.settings, self.error = [], None, None, None
+        try:
+            self.settings = settings_from_args(args)
+        except ValueError as exc:
+            # The host swallows hook exceptions; the error is raised again from the first sampling call instead.
+            self.error = str(exc)
+            raise
         if self.settings.enabled:
             p.extra_generation_params.update(self.settings.to_infotext())
 
     def process_before_every_sampling(self, p, *args, **kwargs):
         self._remove()
+        if getattr(self, "error", None):
+            self.undo = a1111.refuse(p.sampler.model_wrap_cfg, self.error)
+            return
         if not getattr(self, "settings", None) or not self.settings.enabled:
             return
         if HOST != A1111:
@@ -73,6 +80,9 @@ class LoratorioScript(scripts.Script):
         self.maps = []
 
     def _remove(self):
+        undo, self.undo = getattr(self, "undo", None), None
+        if undo is not None:
+            undo()
         state, self.state = getattr(self, "state", None), None
         if state is None:
             return

@@ -111,12 +111,24 @@ def test_disabled_changes_nothing(script_env):
     assert torch.equal(sample(denoiser, x, simple(c), u), sample(env.host.denoiser(), x, simple(c), u))
 
 
-def test_bad_api_value_is_a_clear_error(script_env):
-    p, _ = make_p(script_env.host)
-    with pytest.raises(ValueError, match="'temperature' must be in"):
-        script_env.script.process(p, {"enabled": True, "temperature": -1})
+def test_bad_api_value_fails_the_request_with_a_clear_error(script_env):
+    """A1111 reports and swallows hook exceptions, so the script raises again from the first sampling call."""
+    env = script_env
+    p, denoiser = make_p(env.host)
     with pytest.raises(ValueError, match="unknown LoRAtorio setting"):
-        script_env.script.process(p, {"enabled": True, "tau": 1})
+        env.script.process(p, {"enabled": True, "tau": 1})
+    args = {"enabled": True, "temperature": -1}
+    with pytest.raises(ValueError, match="'temperature' must be in"):
+        env.script.process(p, args)
+    env.script.process_before_every_sampling(p, args)
+    with pytest.raises(ValueError, match="'temperature' must be in"):
+        sample(denoiser, latent(), simple(conds()), conds(seed=8))
+    env.script.postprocess(p, SimpleNamespace(images=[], infotexts=[]), args)
+    assert not isinstance(denoiser.model_wrap, env.entry.a1111.InnerModelProxy)
+    p2, denoiser2 = make_p(env.host)  # the next request is clean
+    env.script.process(p2, {"enabled": False})
+    env.script.process_before_every_sampling(p2, {"enabled": False})
+    assert denoiser2.model_wrap is None
 
 
 def test_positional_args_in_ui_order(script_env):

@@ -107,27 +107,60 @@ def cond_layout(x_in: Tensor, n_cond: int, n_images: int) -> BatchLayout:
     return BatchLayout(tuple(range(n_cond)), tuple(range(n_cond, n_cond + n_images)), tuple(owner))
 
 
-class RoutedInnerModel(nn.Module):
+class InnerModelProxy(nn.Module):
     """Stands in for the CFG denoiser's inner model (k-diffusion or timestep wrapper) for one sampling pass.
 
-    An nn.Module because the host's denoiser registers `model_wrap` as a child module.
+    An nn.Module because the host's denoiser registers `model_wrap` as a child module; every attribute but the
+    call is the original's (samplers read sigmas, alphas and helpers off it).
     """
 
-    def __init__(self, inner: nn.Module, state: GenerationState) -> None:
+    def __init__(self, inner: nn.Module) -> None:
         super().__init__()
         self.inner = inner
-        # Not a submodule: the state is plain Python; bypass nn.Module's attribute bookkeeping for it.
-        object.__setattr__(self, "state", state)
 
     def __getattr__(self, name: str) -> Any:
-        # Samplers read sigmas, alphas and helpers off the inner model: everything but the call is the original's.
         try:
             return super().__getattr__(name)
         except AttributeError:
             return getattr(super().__getattr__("inner"), name)
 
+
+class RoutedInnerModel(InnerModelProxy):
+    """The inner model for a LoRAtorio pass: each call goes through the generation state."""
+
+    def __init__(self, inner: nn.Module, state: GenerationState) -> None:
+        super().__init__(inner)
+        # Plain Python state, not a submodule: bypass nn.Module's attribute bookkeeping.
+        object.__setattr__(self, "state", state)
+
     def forward(self, x: Tensor, sigma: Tensor, **kwargs: Any) -> Tensor:
         return self.state.model_call(self.inner, x, sigma, kwargs)
+
+
+class RefusingInnerModel(InnerModelProxy):
+    """The inner model for a request with invalid LoRAtorio settings: the first call raises the settings error.
+
+    A1111 reports and swallows exceptions from script hooks, so an API request with a bad value would otherwise
+    answer 200 with a silently plain image; raising from the sampling call makes the request fail with the message.
+    """
+
+    def __init__(self, inner: nn.Module, message: str) -> None:
+        super().__init__(inner)
+        object.__setattr__(self, "message", message)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        raise ValueError(self.message)
+
+
+def refuse(denoiser: Any, message: str) -> Callable[[], None]:
+    """Make this pass fail with `message`; returns the undo."""
+    original = denoiser.inner_model
+    denoiser.model_wrap = RefusingInnerModel(original, message)
+
+    def undo() -> None:
+        if isinstance(getattr(denoiser, "model_wrap", None), RefusingInnerModel):
+            denoiser.model_wrap = original
+    return undo
 
 
 @dataclass
