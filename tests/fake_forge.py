@@ -259,6 +259,7 @@ class Denoiser:
 class Sampler:
     max_chunks: int | None = None  # stands in for free memory in calc_cond_uncond_batch
     calls: list = field(default_factory=list)
+    uncond_preds: list = field(default_factory=list)  # the host's own uncond_pred, as post-cfg hooks see it
 
 
 def calc_cond_uncond_batch(model, cond, uncond, x_in, timestep, model_options, max_chunks=None, calls=None):
@@ -315,6 +316,7 @@ def sampling_function(unet, x, sigma, uncond, cond, cond_scale, sampler: Sampler
         args = {"cond": x - cond_pred, "uncond": x - uncond_pred, "cond_scale": cond_scale, "timestep": sigma,
                 "input": x, "sigma": sigma, "cond_denoised": cond_pred, "uncond_denoised": uncond_pred,
                 "model": model, "model_options": model_options}
+        sampler.uncond_preds.append(uncond_pred)
         return x - model_options["sampler_cfg_function"](args)
     if not math.isclose(edit_strength, 1.0):
         return uncond_pred + (cond_pred - uncond_pred) * cond_scale * edit_strength

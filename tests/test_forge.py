@@ -143,6 +143,26 @@ def test_host_batching_does_not_change_the_result(case):
     assert not host.warnings
 
 
+def test_one_call_returns_the_fused_uncond_and_consistent_transformer_options():
+    """When cond and uncond share a call, the host's own uncond_pred is already the re-centred one (post-cfg hooks
+    see it); the UNet sees cond_or_uncond / cond_indices for the G-fold batch it actually runs."""
+    host, x, c, u = Host(), latent(), prompt(), prompt(seed=8)
+    given = []
+    host.after.set_model_sampler_cfg_function(lambda args: given.append(args["uncond_denoised"]) or args["cond"])
+    host.reset()
+    state = host.install()
+    host.sd_model.forge_objects.unet.refresh_loras()
+    sampler = fake.Sampler()
+    fake.sampling_function(host.sd_model.forge_objects.unet, x, SIGMAS[0].repeat(2), [u], [c], CFG, sampler)
+    forge.remove(state)
+    torch.testing.assert_close(sampler.uncond_preds[0], given[0])
+    for seen in host.after.model.diffusion_model.seen:
+        to = seen["to"]
+        assert len(to["cond_or_uncond"]) * 2 == seen["rows"] == to["cond_mark"].shape[0]
+        assert sorted(to["cond_indices"] + to["uncond_indices"]) == list(range(seen["rows"]))
+    assert host.after.model.diffusion_model.seen[-1]["rows"] == 12  # [uncond, cond] × (base + 2 LoRAs)
+
+
 def test_separate_calls_equal_one_call():
     host, x, c, u = Host(), latent(), prompt(), prompt(seed=8)
     one, _ = run(host, x=x, cond=[c], uncond=u)
