@@ -207,12 +207,13 @@ def module_adapter(kmodel: nn.Module, name: str, parts: dict[str, list], backend
                    base_weight: Callable[[str], Tensor], holder: TensorHolder) -> Adapter:
     """One file's patches on one UNet module: LowRank when plain, else a Dense ΔW computed once now."""
     layer = kmodel.get_submodule(name)
+    # Forge's (and its bnb/GGUF variants') Linear is a plain nn.Module named Linear (backend/operations.py).
+    if not isinstance(layer, (nn.Conv2d, nn.Linear)) and type(layer).__name__ != "Linear":
+        raise Declined(f"a LoRA patches {name} ({type(layer).__name__}); only Linear and Conv2d layers can be routed")
     lr = low_rank(parts["weight"]) if set(parts) == {"weight"} else None
     if lr is not None:
         lr = LowRank(holder.keep(lr.down), holder.keep(lr.up), lr.alpha, holder.keep(lr.mid), lr.multiplier)
         return _bound(lr, layer)
-    if isinstance(layer, (nn.GroupNorm, nn.LayerNorm)) or not hasattr(layer, "weight"):
-        raise Declined(f"a LoRA patches {name} ({type(layer).__name__}); only Linear and Conv2d layers can be routed")
     deltas = {}
     for param in ("weight", "bias"):
         key = f"{name}.{param}"
