@@ -25,17 +25,22 @@ from torch import nn
 from tests.toy import TinyUNet, make_unet
 
 
-class ForgeLinear(nn.Module):
-    """backend/operations.py ForgeOperations.Linear: not an nn.Linear subclass."""
+class ForgeOperations:
+    class Linear(nn.Module):
+        """backend/operations.py ForgeOperations.Linear: not an nn.Linear subclass."""
 
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        def __init__(self, linear: nn.Linear) -> None:
+            super().__init__()
+            self.in_features, self.out_features = linear.in_features, linear.out_features
+            self.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
+            self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(),
+                                                                      requires_grad=False)
 
-    def forward(self, x):
-        return F.linear(x, self.weight, self.bias)
+        def forward(self, x):
+            return F.linear(x, self.weight, self.bias)
+
+
+ForgeLinear = ForgeOperations.Linear
 
 
 class DiffusionModel(TinyUNet):
