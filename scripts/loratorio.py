@@ -9,8 +9,8 @@ from modules.ui_components import InputAccordion
 
 from loratorio import maps, ui
 from loratorio.core import settings_from_args
-from loratorio.hosts import a1111
-from loratorio.hosts.detect import A1111, detect_host
+from loratorio.hosts import a1111, forge
+from loratorio.hosts.detect import A1111, FORGE, REFORGE, detect_host
 
 log = logging.getLogger("loratorio")
 HOST = detect_host()
@@ -50,18 +50,24 @@ class LoratorioScript(scripts.Script):
             return
         if not getattr(self, "settings", None) or not self.settings.enabled:
             return
-        if HOST != A1111:
-            return self._warn(p, f"LoRAtorio does not support this WebUI ({HOST}) yet; sampled normally")
+        if HOST not in (A1111, FORGE, REFORGE):
+            return self._warn(p, f"LoRAtorio does not support this WebUI ({HOST}); sampled normally")
         try:
-            from modules.sd_samplers_cfg_denoiser import CFGDenoiser
-
-            self.state = a1111.install(p, self.settings, sd_model=shared.sd_model,
-                                       networks_module=sys.modules.get("networks"),
-                                       base_denoiser_cls=CFGDenoiser, warn=lambda msg: self._warn(p, msg))
+            self.state = self._install(p, lambda msg: self._warn(p, msg))
         except Exception as exc:  # host boundary: report, undo, and sample normally
             errors.report("LoRAtorio could not start; sampling normally", exc_info=True)
             self._remove()
             self._warn(p, f"LoRAtorio could not start ({exc}); sampled normally")
+
+    def _install(self, p, warn):
+        networks = sys.modules.get("networks")
+        if HOST == A1111:
+            from modules.sd_samplers_cfg_denoiser import CFGDenoiser
+
+            return a1111.install(p, self.settings, sd_model=shared.sd_model, networks_module=networks,
+                                 base_denoiser_cls=CFGDenoiser, warn=warn)
+        backend = forge.forge_backend() if HOST == FORGE else forge.reforge_backend(p.sd_model, networks)
+        return forge.install(p, self.settings, backend=backend, networks_module=networks, warn=warn)
 
     def before_hr(self, p, *args):
         self._remove()
@@ -86,7 +92,7 @@ class LoratorioScript(scripts.Script):
         state, self.state = getattr(self, "state", None), None
         if state is None:
             return
-        a1111.remove(state)
+        (a1111 if HOST == A1111 else forge).remove(state)
         if state.map_steps:
             names = [n.mentioned_name or n.name for n in state.networks]
             self.pending_maps = maps.weight_map_images(state.map_sum / state.map_steps, names)
@@ -96,5 +102,6 @@ class LoratorioScript(scripts.Script):
         p.extra_generation_params["LoRAtorio warning"] = message
 
 
-script_callbacks.on_cfg_denoiser(a1111.on_cfg_denoiser)
-script_callbacks.on_cfg_denoised(a1111.on_cfg_denoised)
+if HOST == A1111:  # Forge and reForge never fire on_cfg_denoised; their glue lives on the UnetPatcher clone
+    script_callbacks.on_cfg_denoiser(a1111.on_cfg_denoiser)
+    script_callbacks.on_cfg_denoised(a1111.on_cfg_denoised)

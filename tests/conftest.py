@@ -3,6 +3,9 @@ import torch
 
 from tests.toy import CTX, make_lora, make_unet
 
+# The fixtures are tiny: one thread avoids the intra-op thread pool's spin-waits on a shared, loaded CPU.
+torch.set_num_threads(1)
+
 
 @pytest.fixture
 def unet():

@@ -2,7 +2,8 @@
 
 Set LORATORIO_WEBUI_URL (e.g. http://127.0.0.1:7861) and LORATORIO_LORAS (two LoRA names, default
 "lora_a,lora_b"); the LoRAs should have UNet weights only, so that prompts with and without a tag differ only in the
-UNet. Skipped cleanly when no WebUI is set.
+UNet. Skipped cleanly when no WebUI is set. Forge 2.x and reForge serve the same /sdapi/v1 API and
+alwayson_scripts args, so this file is their smoke test too (point LORATORIO_WEBUI_URL at them).
 """
 
 from __future__ import annotations

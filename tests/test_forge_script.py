@@ -1,0 +1,83 @@
+"""The entry script on a fake Forge 2.x: detection by feature probing, dispatch to the Forge glue, clean-up."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from loratorio.hosts import forge
+from tests import fake_forge as fake
+from tests.test_forge import Host, latent, prompt, sample
+from tests.test_script import ROOT, Component, module
+
+
+@pytest.fixture
+def forge_env(monkeypatch):
+    host = Host()
+    reports = []
+
+    class Script:
+        pass
+
+    mods = {
+        "gradio": module("gradio", Slider=Component, Dropdown=Component, Checkbox=Component, Row=Component,
+                         Accordion=Component),
+        "modules": module("modules"),
+        "modules.scripts": module("modules.scripts", Script=Script, AlwaysVisible=object()),
+        "modules.script_callbacks": module("modules.script_callbacks", on_cfg_denoiser=None, on_cfg_denoised=None),
+        "modules.errors": module("modules.errors", report=lambda msg, exc_info=False: reports.append(msg)),
+        "modules.shared": module("modules.shared", sd_model=host.sd_model),
+        "modules.ui_components": module("modules.ui_components", InputAccordion=Component),
+        "backend": module("backend"),
+        "backend.patcher": module("backend.patcher"),
+        "backend.patcher.unet": module("backend.patcher.unet", UnetPatcher=fake.UnetPatcher),
+        "backend.patcher.lora": module("backend.patcher.lora", merge_lora_to_weight=fake.merge),
+        "networks": host.networks,
+    }
+    for name, mod in mods.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    for name in ("errors", "script_callbacks", "scripts", "shared", "ui_components"):
+        monkeypatch.setattr(mods["modules"], name, mods[f"modules.{name}"], raising=False)
+    spec = importlib.util.spec_from_file_location("loratorio_entry_script_forge", ROOT / "scripts" / "loratorio.py")
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    return SimpleNamespace(host=host, entry=entry, script=entry.LoratorioScript(), reports=reports)
+
+
+def test_detects_forge_and_composes_through_the_clone(forge_env):
+    env, args = forge_env, {"enabled": True, "patch_size": 4}
+    assert env.entry.HOST == "forge"
+    p = env.host.p
+    p.extra_generation_params = {}
+    env.host.reset()
+    env.script.process(p, args)
+    env.script.process_before_every_sampling(p, args)
+    assert "LoRAtorio warning" not in p.extra_generation_params, p.extra_generation_params
+    assert isinstance(env.script.state, forge.GenerationState)
+    assert p.sd_model.forge_objects.unet is not env.host.after
+    x, c, u = latent(), prompt(), prompt(seed=8)
+    composed = sample(env.host, x, [c], u)
+    env.script.postprocess(p, SimpleNamespace(images=[], infotexts=[]))
+    assert env.script.state is None
+    env.host.reset()
+    assert (composed - sample(env.host, x, [c], u)).abs().mean() > 1e-3
+
+
+def test_install_failure_is_reported_and_nothing_is_assigned(forge_env, monkeypatch):
+    env, args = forge_env, {"enabled": True}
+    p = env.host.p
+    p.extra_generation_params = {}
+    env.host.reset()
+    env.script.process(p, args)
+    monkeypatch.setattr(forge, "source_adapters", lambda *a: 1 / 0)
+    env.script.process_before_every_sampling(p, args)
+    assert env.reports and "could not start" in p.extra_generation_params["LoRAtorio warning"]
+    assert p.sd_model.forge_objects.unet is env.host.after
+    assert all(not m._forward_hooks for m in env.host.after.model.modules())
+    x, c, u = latent(), prompt(), prompt(seed=8)
+    env.host.reset()
+    assert torch.isfinite(sample(env.host, x, [c], u)).all()
