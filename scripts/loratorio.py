@@ -39,6 +39,7 @@ class LoratorioScript(scripts.Script):
         except ValueError as exc:
             # The host swallows hook exceptions; the error is raised again from the first sampling call instead.
             self.error = str(exc)
+            self._warn(p, f"LoRAtorio: {exc}")
             raise
         if self.settings.enabled:
             p.extra_generation_params.update(self.settings.to_infotext())
