@@ -51,12 +51,19 @@ def save_judge(path: Path, judge: Judge) -> None:
     save_file(_prefixed(judge, "judge"), str(path))
 
 
-def load(weights: Path = WEIGHTS) -> Miniature:
-    """Load the miniature; LoRAs go through `adapters_for_model`, the same parser real LoRA files use."""
-    base = load_file(str(weights / "base.safetensors"))
-    te, unet, judge = TextEncoder(), UNet(), Judge()
+def load_base(path: Path) -> tuple[TextEncoder, UNet]:
+    """The base text encoder and UNet, in eval mode."""
+    base = load_file(str(path))
+    te, unet = TextEncoder(), UNet()
     _load_prefixed(te, base, "te")
     _load_prefixed(unet, base, "unet")
+    return te.eval(), unet.eval()
+
+
+def load(weights: Path = WEIGHTS) -> Miniature:
+    """Load the miniature; LoRAs go through `adapters_for_model`, the same parser real LoRA files use."""
+    te, unet = load_base(weights / "base.safetensors")
+    judge = Judge()
     _load_prefixed(judge, load_file(str(weights / "judge.safetensors")), "judge")
     loras = {s: adapters_for_model(unet, load_file(str(weights / f"lora_{s}.safetensors"))) for s in SKILL_TOKENS}
     for m in (te, unet, judge):

@@ -14,18 +14,21 @@ from loratorio.miniworld.world import CATEGORIES, Attributes
 class Judge(nn.Module):
     """Image (B, 3, 32, 32) in [0, 1] -> logits (B, 4 categories, 3 values: generic/none, skill 1, skill 2)."""
 
-    def __init__(self, width: int = 32) -> None:
+    def __init__(self, width: int = 48) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
-        self.conv2 = nn.Conv2d(16, width, 3, padding=1)
+        self.conv1 = nn.Conv2d(3, 24, 3, padding=1)
+        self.conv2 = nn.Conv2d(24, width, 3, padding=1)
         self.conv3 = nn.Conv2d(width, width, 3, padding=1)
+        self.conv4 = nn.Conv2d(width, width, 3, padding=1)
         self.head = nn.Linear(width, 3 * len(CATEGORIES))
 
     def features(self, img: Tensor) -> Tensor:
         """Pooled trunk features (B, width): also the space of the realism distance."""
         h = F.max_pool2d(F.relu(self.conv1(img * 2 - 1)), 2)
         h = F.max_pool2d(F.relu(self.conv2(h)), 2)
-        return F.relu(self.conv3(h)).mean(dim=(-2, -1))
+        h = F.relu(self.conv3(h))
+        # Max over positions: "is it anywhere in the picture" is what presence means.
+        return F.relu(self.conv4(h)).amax(dim=(-2, -1))
 
     def forward(self, img: Tensor) -> Tensor:
         return self.head(self.features(img)).view(-1, len(CATEGORIES), 3)

@@ -27,7 +27,9 @@ class SampleConfig:
 
     steps: int = 16
     cfg: float = 4.5
-    settings: Settings = field(default_factory=lambda: Settings(enabled=True, switch_interval=1))
+    # Patch 2 of a 16-px latent is the fraction of the side (1/8) that SD1.5's patch 8 is of its 64-px latent;
+    # a switch every step matches ComposLoRA's 5 of 200 steps better than 5 of our 16.
+    settings: Settings = field(default_factory=lambda: Settings(enabled=True, patch_size=2, switch_interval=1))
 
 
 def noise(seeds: Sequence[int], sigma_max: float) -> Tensor:

@@ -77,15 +77,13 @@ class Layout:
     shape: str
     colour: str
     plain: str
-    grid_offset: int
 
 
 def layout(seed: int) -> Layout:
     """Deterministic per-image free parameters (Python's Random: same numbers on every platform)."""
     r = random.Random(seed)
     return Layout(cx=r.randint(11, 20), cy=r.randint(13, 20), size=r.randint(5, 7), shape=r.choice(FIGURE_SHAPES),
-                  colour=r.choice(sorted(FIGURE_COLOURS)), plain=r.choice(sorted(PLAIN_COLOURS)),
-                  grid_offset=r.randint(0, 7))
+                  colour=r.choice(sorted(FIGURE_COLOURS)), plain=r.choice(sorted(PLAIN_COLOURS)))
 
 
 def _rgb(c: tuple[float, float, float]) -> Tensor:
@@ -135,8 +133,8 @@ def _background(kind: int, lay: Layout, y: Tensor, x: Tensor) -> Tensor:
     if kind == 1:  # sky: deep blue at the top fading to white
         t = (y / (SIZE - 1)).expand(3, SIZE, SIZE)
         return _rgb((0.15, 0.35, 0.85)) * (1 - t) + _rgb((0.9, 0.95, 1.0)) * t
-    if kind == 2:  # grid: light lines every 8 px on dark grey
-        lines = ((x + lay.grid_offset) % 8 == 0) | ((y + lay.grid_offset) % 8 == 0)
+    if kind == 2:  # grid: light lines every 8 px on dark grey, at fixed places like a wallpaper
+        lines = (x % 8 == 4) | (y % 8 == 4)
         return torch.where(lines, _rgb((0.8, 0.8, 0.8)), _rgb((0.25, 0.25, 0.3)))
     return _rgb(PLAIN_COLOURS[lay.plain]).expand(3, SIZE, SIZE).clone()
 
