@@ -153,12 +153,13 @@ def plot(path: Path, table: dict[str, dict[int, dict[str, float]]], ns: Sequence
     except ImportError:
         log.warning("matplotlib is not installed (pip install -r requirements-bench.txt); no chart written")
         return False
-    fig, axes = plt.subplots(1, 2 if sweep else 1, figsize=(11 if sweep else 6, 4), squeeze=False)
+    fig, axes = plt.subplots(1, 2 if sweep else 1, figsize=(13 if sweep else 8, 4), squeeze=False)
     ax = axes[0][0]
     for method, cells in table.items():
         ax.plot(list(ns), [cells[n]["score"] for n in ns], marker="o", label=LABELS.get(method, method))
-    ax.set(xlabel="N (skills per prompt)", ylabel="composition score", title="Miniature ComposLoRA", xticks=list(ns))
-    ax.legend(fontsize=7)
+    ax.set(xlabel="N (skills per prompt)", ylabel="composition score", title="Miniature ComposLoRA", xticks=list(ns),
+           ylim=(0, 1.05))
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     if sweep:
         ax = axes[0][1]
         for p in sorted({r["patch_size"] for r in sweep}):
