@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--switch-interval", type=int, default=1)
     parser.add_argument("--sweep-patch", type=int, nargs="*", default=[1, 2, 4, 8, 16])
     parser.add_argument("--sweep-temperature", type=float, nargs="*", default=[0.01, 0.05, 0.2, 1.0])
-    parser.add_argument("--sweep-per-set", type=int, default=2)
+    parser.add_argument("--sweep-per-set", type=int, default=1, help="seeds per set in the sweep (52 images a point)")
     parser.add_argument("--json", type=Path, default=Path("out/quality.json"))
     parser.add_argument("--plot", type=Path, default=Path("out/quality.png"))
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 avoids spin-waits when shared)")
