@@ -1,0 +1,1 @@
+"""`python -m loratorio.demo`: LoRAtorio and the baselines side by side on the bundled CPU miniature."""

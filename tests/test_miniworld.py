@@ -1,0 +1,119 @@
+"""The CPU miniature: generator and judge determinism, the bundled files' format, a composition regression guard."""
+
+import random
+import struct
+import zlib
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loratorio.core import to_state_dict
+from loratorio.miniworld.bundle import WEIGHTS, load
+from loratorio.miniworld.judge import composition_score, frechet_distance
+from loratorio.miniworld.png import encode_png
+from loratorio.miniworld.sampling import SampleConfig, sample
+from loratorio.miniworld.train import random_attributes
+from loratorio.miniworld.world import CATEGORIES, SKILL_TOKENS, Attributes, category_of, composition_sets, render
+
+# A few fixed ComposLoRA-style sets (N = 2..4) covering every category, two seeds each.
+GUARD_SETS = [["knight", "hat"], ["ghost", "scarf", "sky"], ["knight", "sepia", "grid"],
+              ["ghost", "hat", "hatch", "sky"]]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The miniature is tiny: one thread is fastest, and on a busy machine two threads spin-wait badly.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def mini():
+    return load()
+
+
+def test_render_is_deterministic_and_every_skill_shows():
+    generic = render(Attributes(), 3)
+    torch.testing.assert_close(render(Attributes(), 3), generic, rtol=0, atol=0)
+    assert not torch.equal(render(Attributes(), 4), generic)
+    for skill in SKILL_TOKENS:
+        assert (render(Attributes.from_skills([skill]), 3) - generic).abs().sum() > 5.0, skill
+
+
+def test_composition_sets_follow_composlora():
+    for n, count in ((2, 12), (3, 24), (4, 16)):
+        sets = composition_sets(n)
+        assert len(sets) == count == len({tuple(s) for s in sets})
+        for s in sets:
+            cats = [category_of(k) for k in s]
+            assert cats[0] == "character" and len(set(cats)) == n
+    with pytest.raises(ValueError):
+        composition_sets(5)
+
+
+def test_png_is_valid_and_lossless():
+    img = torch.rand(3, 5, 7, generator=torch.Generator().manual_seed(0))
+    data = encode_png(img)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    idat_len = struct.unpack(">I", data[33:37])[0]
+    raw = zlib.decompress(data[41:41 + idat_len])
+    pixels = torch.tensor(list(raw)).view(height, 1 + 3 * width)[:, 1:].view(height, width, 3).permute(2, 0, 1)
+    assert (width, height) == (7, 5)
+    torch.testing.assert_close(pixels, (img * 255).round().long())
+
+
+def test_frechet_distance_is_zero_on_itself_and_grows_with_shift():
+    a = torch.randn(200, 4, generator=torch.Generator().manual_seed(0))
+    assert abs(frechet_distance(a, a)) < 1e-6
+    assert 0.5 < frechet_distance(a, a + 1.0) < frechet_distance(a, a + 2.0)
+
+
+def test_bundled_judge_recognises_fresh_renders(mini):
+    attrs = random_attributes(96, random.Random(123))
+    imgs = torch.stack([render(a, 90_000_000 + i) for i, a in enumerate(attrs)])
+    with torch.no_grad():
+        pred = mini.judge(imgs).argmax(-1)
+    truth = torch.tensor([a.as_tuple() for a in attrs])
+    for i, cat in enumerate(CATEGORIES):
+        assert (pred[:, i] == truth[:, i]).float().mean() >= 0.9, cat
+
+
+def test_bundled_loras_are_kohya_files_on_the_real_parser(mini):
+    for skill in SKILL_TOKENS:
+        sd = load_file(str(WEIGHTS / f"lora_{skill}.safetensors"))
+        assert all(k.startswith("lora_unet_") for k in sd)
+        assert {k.rsplit(".", 2)[-2] if k.endswith(".weight") else "alpha" for k in sd} == {"lora_down", "lora_up",
+                                                                                           "alpha"}
+        back = to_state_dict(mini.loras[skill])
+        assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
+        assert max(a.up.abs().max() for a in mini.loras[skill].values()) > 0  # trained, not zero-initialised
+
+
+def test_sampling_is_per_image_deterministic(mini):
+    cfg = SampleConfig(steps=6)
+    pair, _ = sample(mini, ["knight", "sky"], "loratorio", [5, 6], cfg)
+    alone, _ = sample(mini, ["knight", "sky"], "loratorio", [6], cfg)
+    torch.testing.assert_close(alone[0], pair[1], rtol=1e-4, atol=1e-4)
+
+
+def test_loratorio_composes_better_than_composite_switch_and_base(mini):
+    """Regression guard on the bundled miniature (the benchmark's settings, a few fixed sets).
+
+    The issue asked for LoRAtorio >= Merge here; the miniature measures Merge ahead of LoRAtorio (QUALITY_NOTES.md),
+    so the guard pins the orderings it does measure, each by a wide margin in the full benchmark.
+    """
+    totals = {}
+    for method in ("base", "switch", "composite", "loratorio"):
+        scores = []
+        for j, skills in enumerate(GUARD_SETS):
+            seeds = [700 + 10 * j, 701 + 10 * j]
+            images, _ = sample(mini, skills, method, seeds, SampleConfig())
+            with torch.no_grad():
+                scores.append(composition_score(mini.judge(images), [Attributes.from_skills(skills)] * 2))
+        totals[method] = float(torch.cat(scores).mean())
+    assert totals["loratorio"] >= max(totals["switch"], totals["composite"]) + 0.1, totals
+    assert totals["loratorio"] > totals["base"] + 0.3, totals
