@@ -81,9 +81,14 @@ class Composer:
 
         x, sigma: the host batch's noisy latent and sigma, (B, C, H, W) and (B,).
         """
+        preds = evaluate(fn, inputs, self.router, batched=self.batched, adapters=self.groups(step),
+                         max_rows=self.max_rows)
+        return self.fuse(preds, layout, step, x, sigma)
+
+    def fuse(self, preds: Tensor, layout: BatchLayout, step: int, x: Tensor | None = None,
+             sigma: Tensor | None = None) -> Tensor:
+        """The fusion alone: patch weights, weighted sum and re-centring over `preds` (G, B, C, H, W) of `groups`."""
         s = self.settings
-        groups = self.groups(step)
-        preds = evaluate(fn, inputs, self.router, batched=self.batched, adapters=groups, max_rows=self.max_rows)
         if s.mode == "switch":
             return preds[0]
         base = preds[0] if s.mode == "loratorio" else None
