@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from loratorio.core import Callback, Dense, LowRank, MultiAdapter, RowRouting, evaluate, merged_weight
 from tests.toy import make_lora
@@ -177,3 +178,27 @@ def test_layer_without_that_adapter_is_base(unet, inputs):
     with torch.no_grad():
         ref.to_q.weight += merged_weight(ref.to_q, only_q["to_q"])
     torch.testing.assert_close(out, ref(*inputs), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv", "conv_mid"])
+def test_low_rank_apply_on_non_contiguous_rows(kind):
+    """The fused in-place accumulate and its fallback for a non-contiguous output give the same delta."""
+    g = torch.Generator().manual_seed(0)
+    if kind == "linear":
+        layer, x = torch.nn.Linear(8, 6), torch.randn(3, 5, 8, generator=g)
+        lora = LowRank(torch.randn(2, 8, generator=g), torch.randn(6, 2, generator=g), alpha=1.0)
+        expect = layer(x) + F.linear(F.linear(x, lora.down), lora.up) * 0.5
+        y_odd, x_odd = layer(x).transpose(0, 1), x.transpose(0, 1)
+    else:
+        layer, x = torch.nn.Conv2d(4, 6, 3, padding=1), torch.randn(3, 4, 5, 5, generator=g)
+        mid = torch.randn(2, 2, 3, 3, generator=g) if kind == "conv_mid" else None
+        down = torch.randn(2, 4, 1, 1, generator=g) if mid is not None else torch.randn(2, 4, 3, 3, generator=g)
+        lora = LowRank(down, torch.randn(6, 2, 1, 1, generator=g), alpha=1.0, mid=mid)
+        h = F.conv2d(F.conv2d(x, down), mid, padding=1) if mid is not None else F.conv2d(x, down, padding=1)
+        expect = layer(x) + F.conv2d(h, lora.up) * 0.5
+        y_odd, x_odd = layer(x).to(memory_format=torch.channels_last), x
+    with torch.no_grad():
+        torch.testing.assert_close(lora.apply(layer, x, layer(x)), expect, rtol=1e-5, atol=1e-5)
+        assert not y_odd.is_contiguous()
+        got = lora.apply(layer, x_odd, y_odd)
+    torch.testing.assert_close(got if kind != "linear" else got.transpose(0, 1), expect, rtol=1e-5, atol=1e-5)
