@@ -47,6 +47,9 @@ class Settings:
         "start", lo=0.0, hi=1.0, help="Fraction of sampling at which composition starts (plain sampling before)."))
     end: float = field(default=1.0, metadata=_spec(
         "end", lo=0.0, hi=1.0, help="Fraction of sampling at which composition ends (plain sampling after)."))
+    reuse: int = field(default=0, metadata=_spec(
+        "reuse steps", lo=0, hi=100, help="Keep the patch weights for this many steps after computing them (0 = "
+        "every step). Saves the similarity, and with recentre 0 also the base model's evaluation on those steps."))
     show_maps: bool = field(default=False, metadata=_spec(
         "show maps", help="Add one image per LoRA to the results, showing where it won."))
 
