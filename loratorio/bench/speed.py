@@ -191,7 +191,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(rows: Sequence[Row], repeats: int, warmup: int, device: torch.device) -> dict[str, dict[str, Any]]:
+def measure(rows: Sequence[Row], repeats: int, warmup: int, device: torch.device,
+            clock: Callable[[], float] = time.perf_counter) -> dict[str, dict[str, Any]]:
     """Median seconds and peak memory per row; rows are interleaved per repeat so that drift hits them alike."""
     mem = PeakMemory(device)
     times: dict[str, list[float]] = {row.name: [] for row in rows}
@@ -202,10 +203,10 @@ def measure(rows: Sequence[Row], repeats: int, warmup: int, device: torch.device
                 row.setup()
             _sync(device)
             mem.reset()
-            start = time.perf_counter()
+            start = clock()
             row.run()
             _sync(device)
-            elapsed = time.perf_counter() - start
+            elapsed = clock() - start
             peak = mem.read()
             if row.cleanup:
                 row.cleanup()
@@ -251,7 +252,8 @@ def run_speed(args: argparse.Namespace) -> dict[str, Any]:
     with torch.inference_mode():
         for n in args.n:
             loras = make_loras(unet, names, n, args.rank, args.seed + n)
-            rows = measure(rows_for(unet, loras, inputs, merger), args.repeats, args.warmup, device)
+            clock = time.process_time if args.clock == "cpu" else time.perf_counter
+            rows = measure(rows_for(unet, loras, inputs, merger), args.repeats, args.warmup, device, clock)
             per_n[str(n)] = summarise(rows, loras)
             print(f"N={n} done: batched/floor {per_n[str(n)]['batched_over_floor']:.3f}", flush=True)
     return {"machine": machine(device), "args": vars(args), "model": "tiny" if args.tiny else
@@ -343,10 +345,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # smoke tests only
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="cpu: this process's CPU time, steadier on a shared CPU machine (use with --threads 1)")
     args = p.parse_args(argv)
     on_cuda = torch.device(args.device).type == "cuda"
     args.dtype = args.dtype or ("float16" if on_cuda else "float32")
     args.latent = args.latent or (64 if on_cuda else 32)
+    if args.clock == "cpu" and on_cuda:
+        p.error("--clock cpu measures CPU work only; GPU steps need the wall clock")
     if min(args.n) < 1 or args.repeats < 1 or args.warmup < 0 or args.rank < 1:
         p.error("--n and --rank must be >= 1, --repeats >= 1 and --warmup >= 0")
     return args
