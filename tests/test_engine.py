@@ -5,7 +5,16 @@ import copy
 import pytest
 import torch
 
-from loratorio.core import BatchLayout, Composer, MultiAdapter, Settings, merged_weight
+from loratorio.core import (
+    BatchLayout,
+    Composer,
+    MultiAdapter,
+    Settings,
+    evaluate,
+    merged_weight,
+    recentre_uncond,
+    weighted_sum,
+)
 from tests.toy import CTX, Denoiser
 
 STEPS = 6
@@ -143,3 +152,57 @@ def test_uncond_reference_and_layout_validation(unet, two_loras, setting):
     assert not torch.allclose(outs[0], outs[1])
     with pytest.raises(ValueError, match="uncond_of_cond"):
         BatchLayout((0, 1), (2, 3), (0, 0))
+
+
+def reuse_run(unet, loras, settings, setting, steps=5):
+    """Composer over `steps` steps of fixed inputs with changing sigma; the rows of each model call, and the maps."""
+    x, cond, uncond = setting
+    rows, maps, outs = [], [], []
+    den = Denoiser(unet)
+
+    def fn(a):
+        rows.append(a[0].shape[0])
+        return den(*a)
+    with MultiAdapter(unet, loras) as router:
+        composer = Composer(router, settings)
+        for step in range(steps):
+            sigma = SIGMAS[step].repeat(4)
+            inputs = (torch.cat([x, x]) + step, sigma, torch.cat([cond, uncond]))
+            outs.append(composer(fn, inputs, BatchLayout.cond_then_uncond(2), step, inputs[0], sigma))
+            maps.append(composer.last_weights)
+        preds = [evaluate(lambda a: den(*a), (torch.cat([x, x]) + s, SIGMAS[s].repeat(4), torch.cat([cond, uncond])),
+                          router) for s in range(steps)]
+    return rows, maps, outs, preds
+
+
+@pytest.mark.parametrize("recentre", [0.5, 0.0])
+def test_reuse_keeps_the_map_for_k_steps(unet, two_loras, setting, recentre):
+    rows, maps, outs, preds = reuse_run(unet, two_loras, Settings(enabled=True, reuse=2, recentre=recentre), setting)
+    assert [maps[i] is maps[0] for i in range(5)] == [True, True, True, False, False]
+    assert maps[4] is maps[3]
+    # Fresh steps evaluate base + 2 LoRAs on 4 rows; reusing steps skip the base only when nothing reads it.
+    reused_rows = 12 if recentre else 8
+    assert rows == [12, reused_rows, reused_rows, 12, reused_rows]
+    for step in (1, 2, 4):  # a reusing step is the fusion of this step's predictions with the kept map
+        base, loras, w = preds[step][0], preds[step][1:], maps[step]
+        expect = torch.cat([weighted_sum(loras[:, :2], w),
+                            recentre_uncond(base[2:], weighted_sum(loras[:, 2:], w), recentre)])
+        torch.testing.assert_close(outs[step], expect, rtol=1e-5, atol=1e-5)
+    fresh = reuse_run(unet, two_loras, Settings(enabled=True, recentre=recentre), setting)
+    torch.testing.assert_close(outs[3], fresh[2][3])  # step 3 recomputed: as without reuse
+    assert (outs[1] - fresh[2][1]).abs().mean() > 1e-4  # and reuse really changed step 1
+
+
+def test_reuse_restarts_when_steps_restart(unet, two_loras, setting):
+    """A new pass (steps from 0 again) or another cond-row count never reuses an old map."""
+    x, cond, uncond = setting
+    inputs = (torch.cat([x, x]), SIGMAS[1].repeat(4), torch.cat([cond, uncond]))
+    with MultiAdapter(unet, two_loras) as router:
+        composer = Composer(router, Settings(enabled=True, reuse=5))
+        composer(lambda a: unet(*a), inputs, BatchLayout.cond_then_uncond(2), 3)
+        first = composer.last_weights
+        composer(lambda a: unet(*a), inputs, BatchLayout.cond_then_uncond(2), 0)
+        assert composer.last_weights is not first
+        second = composer.last_weights
+        composer(lambda a: unet(*a), tuple(t[1:3] for t in inputs), BatchLayout((0,), (1,), (0,)), 1)
+        assert composer.last_weights is not second and composer.last_weights.shape[1] == 1

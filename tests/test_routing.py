@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from loratorio.core import Callback, Dense, LowRank, MultiAdapter, RowRouting, evaluate, merged_weight
 from tests.toy import make_lora
@@ -177,3 +178,79 @@ def test_layer_without_that_adapter_is_base(unet, inputs):
     with torch.no_grad():
         ref.to_q.weight += merged_weight(ref.to_q, only_q["to_q"])
     torch.testing.assert_close(out, ref(*inputs), rtol=1e-4, atol=1e-5)
+
+
+def test_block_layout_of_routings():
+    """evaluate()'s layout (one run of equal length per adapter, back to back) is recognised; anything else is not."""
+    assert RowRouting((None, None, 0, 0, 1, 1)).block == (2, 2, (0, 1))
+    assert RowRouting((1, 1, 0, 0, None, None)).block == (0, 2, (1, 0))
+    assert RowRouting((None, 0, 1, None, 0, 1)).block is None  # an adapter's rows are not contiguous
+    assert RowRouting((0, 0, 1, None, None)).block is None  # runs of unequal length
+    assert RowRouting((0, None, 1)).block is None  # a gap between the runs
+    assert RowRouting((None, None)).block is None
+
+
+LINEAR_TARGETS = ("to_q", "to_k", "to_v", "to_out", "ff1", "ff2", "time")
+
+
+def test_stacked_path_is_taken_and_equals_the_per_adapter_loop(unet, two_loras, inputs, monkeypatch):
+    labels = [None, None, 0, 0, 1, 1]
+    with MultiAdapter(unet, two_loras) as router:
+        stacked = run(unet, router, inputs, labels)
+        built = {key[0] for key, stack in router._stacks.items() if stack is not None}
+        assert built == {unet.get_submodule(name) for name in LINEAR_TARGETS}  # convs take the loop
+        monkeypatch.setattr(RowRouting, "block", property(lambda self: None))
+        looped = run(unet, router, inputs, labels)
+    torch.testing.assert_close(stacked, looped, rtol=1e-5, atol=1e-5)
+    assert (stacked[2:] - unet(*inputs)[2:]).abs().mean() > 1e-2  # the LoRA rows are not the base's
+
+
+def test_unequal_ranks_and_a_missing_layer_in_one_block(unet, inputs):
+    """Zero-padded ranks add nothing; a layer one LoRA lacks falls back to the loop, base weights for that LoRA."""
+    small, big = make_lora(unet, seed=1, rank=2), make_lora(unet, seed=2, rank=3)
+    del big["to_q"]
+    labels = [None, None, 0, 0, 1, 1]
+    with MultiAdapter(unet, [small, big]) as router:
+        mixed = run(unet, router, inputs, labels)
+        assert router._stacks[(unet.to_k, (0, 1))] is not None and router._stacks[(unet.to_q, (0, 1))] is None
+    torch.testing.assert_close(mixed[2:4], merged(unet, small)(*inputs)[2:4], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(mixed[4:], merged(unet, big)(*inputs)[4:], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(mixed[:2], unet(*inputs)[:2])
+
+
+def test_reinstall_reads_changed_multipliers(unet, inputs):
+    """Stacks fold each LoRA's scale in; remove() drops them, so a changed multiplier counts after install()."""
+    lora = make_lora(unet, seed=1)
+    router = MultiAdapter(unet, [lora])
+    with router:
+        on = run(unet, router, inputs, [0] * 6)
+    for adapter in lora.values():
+        adapter.multiplier = 0.0
+    with router:
+        off = run(unet, router, inputs, [0] * 6)
+    torch.testing.assert_close(off, unet(*inputs))
+    assert (on - off).abs().mean() > 1e-2
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv", "conv_mid"])
+def test_low_rank_apply_on_non_contiguous_rows(kind):
+    """The fused in-place accumulate and its fallback for a non-contiguous output give the same delta."""
+    g = torch.Generator().manual_seed(0)
+    if kind == "linear":
+        layer, x = torch.nn.Linear(8, 6), torch.randn(3, 5, 8, generator=g)
+        lora = LowRank(torch.randn(2, 8, generator=g), torch.randn(6, 2, generator=g), alpha=1.0)
+        expect = layer(x) + F.linear(F.linear(x, lora.down), lora.up) * 0.5
+        y_odd, x_odd = layer(x).transpose(0, 1), x.transpose(0, 1)
+    else:
+        layer, x = torch.nn.Conv2d(4, 6, 3, padding=1), torch.randn(3, 4, 5, 5, generator=g)
+        mid = torch.randn(2, 2, 3, 3, generator=g) if kind == "conv_mid" else None
+        down = torch.randn(2, 4, 1, 1, generator=g) if mid is not None else torch.randn(2, 4, 3, 3, generator=g)
+        lora = LowRank(down, torch.randn(6, 2, 1, 1, generator=g), alpha=1.0, mid=mid)
+        h = F.conv2d(F.conv2d(x, down), mid, padding=1) if mid is not None else F.conv2d(x, down, padding=1)
+        expect = layer(x) + F.conv2d(h, lora.up) * 0.5
+        y_odd, x_odd = layer(x).to(memory_format=torch.channels_last), x
+    with torch.no_grad():
+        torch.testing.assert_close(lora.apply(layer, x, layer(x)), expect, rtol=1e-5, atol=1e-5)
+        assert not y_odd.is_contiguous()
+        got = lora.apply(layer, x_odd, y_odd)
+    torch.testing.assert_close(got if kind != "linear" else got.transpose(0, 1), expect, rtol=1e-5, atol=1e-5)

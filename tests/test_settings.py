@@ -18,6 +18,7 @@ def test_defaults_are_valid_and_disabled():
     ("temperature", float("nan"), "'temperature' must be in"),
     ("recentre", 1.5, "'recentre' must be in"),
     ("top_k", -1, "'top_k' must be in"),
+    ("reuse", 101, r"'reuse' must be in \[0, 100\]"),
     ("mode", "merge", "'mode' must be one of"),
     ("reference", "x", "'reference' must be one of"),
     ("evaluation", "fast", "'evaluation' must be one of"),
@@ -49,9 +50,10 @@ def test_dict_round_trip_and_coercion():
 
 def test_infotext_round_trip():
     s = Settings(enabled=True, mode="switch", patch_size=4, temperature=0.125, recentre=0.3, top_k=2,
-                 reference="uncond", evaluation="sequential", switch_interval=3, start=0.1, end=0.9)
+                 reference="uncond", evaluation="sequential", switch_interval=3, start=0.1, end=0.9, reuse=3)
     text = s.to_infotext()
     assert text["LoRAtorio patch size"] == "4" and text["LoRAtorio temperature"] == "0.125"
+    assert text["LoRAtorio reuse steps"] == "3"
     assert all(isinstance(v, str) for v in text.values())
     assert Settings.from_infotext(text) == s
     assert Settings.from_infotext({"Steps": "20"}) == Settings()

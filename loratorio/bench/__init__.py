@@ -1,1 +1,1 @@
-"""Benchmarks: composition quality on the CPU miniature (`quality`), and training that miniature (`train`)."""
+"""Benchmarks a user can run (`python -m loratorio.bench <command>`): speed, miniature quality, miniature training."""

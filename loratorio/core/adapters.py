@@ -63,16 +63,35 @@ class LowRank:
         down, up, mid = self._cache.get((self.down, self.up, self.mid), x)
         if isinstance(layer, nn.Conv2d):
             down = down if down.dim() == 4 else down[:, :, None, None]
-            up = up if up.dim() == 4 else up[:, :, None, None]
             if mid is None:
                 h = F.conv2d(x, down, **_conv_args(layer))
             else:
                 h = F.conv2d(F.conv2d(x, down), mid, **_conv_args(layer))
-            delta = F.conv2d(h, up)
-        else:
-            delta = F.linear(F.linear(x, down.flatten(1)), up.flatten(1))
-        # In place: y is the routed rows' view of the layer output, so no scatter copy is needed.
-        return y.add_(delta, alpha=self.scale)
+            if up.dim() == 4 and up.shape[-2:] != (1, 1):
+                return y.add_(F.conv2d(h, up), alpha=self.scale)
+            return add_conv1x1_(y, h, up.flatten(1), self.scale)
+        return add_linear_(y, F.linear(x, down.flatten(1)), up.flatten(1), self.scale)
+
+
+def add_linear_(y: Tensor, h: Tensor, up: Tensor, scale: float) -> Tensor:
+    """y += scale · h·upᵀ in place; y (..., out), h (..., r), up (out, r).
+
+    In place because y is the routed rows' view of the layer output (no scatter copy); one addmm also spares the
+    delta's temporary and a second pass over y.
+    """
+    if y.is_contiguous() and h.shape[:-1] == y.shape[:-1]:
+        y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), up.t(), alpha=scale)
+        return y
+    return y.add_(F.linear(h, up), alpha=scale)
+
+
+def add_conv1x1_(y: Tensor, h: Tensor, up: Tensor, scale: float) -> Tensor:
+    """y += scale · (1×1 conv of h by up) in place; y (B, out, H, W), h (B, r, H, W), up (out, r)."""
+    if y.is_contiguous() and h.shape[-2:] == y.shape[-2:]:
+        b, r = h.shape[:2]
+        y.view(b, y.shape[1], -1).baddbmm_(up.expand(b, *up.shape), h.reshape(b, r, -1), alpha=scale)
+        return y
+    return y.add_(F.conv2d(h, up[:, :, None, None]), alpha=scale)
 
 
 @dataclass(eq=False)

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import Tensor
 
-from loratorio.core.evaluate import evaluate
+from loratorio.core.evaluate import batch_size, evaluate
 from loratorio.core.fusion import recentre_uncond, to_eps, weighted_sum
 from loratorio.core.modes import mode_recentre, mode_weights, switch_index
 from loratorio.core.routing import MultiAdapter
@@ -49,7 +49,7 @@ class BatchLayout:
 
 
 class Composer:
-    """Runs one mode of composition per step; keeps the last weight map for display."""
+    """Runs one mode of composition per step; keeps the last weight map for display (and for `reuse`)."""
 
     def __init__(self, router: MultiAdapter, settings: Settings, *, batched: bool = True,
                  max_rows: int | None = None) -> None:
@@ -58,53 +58,30 @@ class Composer:
         self.batched = batched
         self.max_rows = max_rows
         self.last_weights: Tensor | None = None
+        self._weights_step: int | None = None  # the step last_weights were computed at
 
-    def groups(self, step: int) -> tuple[int | None, ...]:
-        """Which models a step evaluates (None = base): Switch one LoRA, Composite all LoRAs, LoRAtorio base too."""
+    def groups(self, step: int, layout: BatchLayout | None = None, batch: int | None = None) -> tuple[int | None, ...]:
+        """Which models a step evaluates (None = base): Switch one LoRA, Composite all LoRAs, LoRAtorio base too.
+
+        On a step that reuses the weights, LoRAtorio needs the base only to re-centre the negative; given the host's
+        layout and batch size, the base is left out when nothing reads it.
+        """
         s, n = self.settings, self.router.n_adapters
         if s.mode == "switch":
             return (switch_index(step, n, s.switch_interval),)
         if s.mode == "composite":
             return tuple(range(n))
+        if layout is not None and self._reusable(step, len(layout.cond_rows)) and not _base_read(layout, s, batch):
+            return tuple(range(n))
         return (None, *range(n))
 
     def predict(self, fn: Callable[[Any], Tensor], inputs: Any, step: int) -> Tensor:
-        """The step's model outputs for each of `groups(step)`, stacked as (G, B, ...)."""
+        """The step's model outputs for each of `groups(step)` (base included in LoRAtorio mode), as (G, B, ...).
+
+        For hosts that evaluate and fuse at different moments; `fuse` with its default `base` takes this output.
+        """
         return evaluate(fn, inputs, self.router, batched=self.batched, adapters=self.groups(step),
                         max_rows=self.max_rows)
-
-    def fuse(self, preds: Tensor, layout: BatchLayout, step: int, x: Tensor | None = None,
-             sigma: Tensor | None = None) -> Tensor:
-        """Fused cond rows and re-centred uncond rows from `predict`'s output, shaped like one group's batch.
-
-        preds in ε space, or in x0 space when the batch's x and sigma ((B, C, H, W) and (B,)) are given.
-        """
-        s = self.settings
-        if s.mode == "switch":
-            return preds[0]
-        base = preds[0] if s.mode == "loratorio" else None
-        loras = preds[1:] if s.mode == "loratorio" else preds
-        cond, unc = list(layout.cond_rows), list(layout.uncond_rows)
-        eps_loras, eps_ref = loras[:, cond], None
-        if base is not None:
-            ref_rows = cond
-            if s.reference == "uncond" and unc:
-                ref_rows = [unc[j] for j in layout.uncond_of_cond]
-            eps_ref = base[ref_rows]
-            if x is not None:
-                eps_loras = to_eps(x[cond], eps_loras, sigma[cond])
-                eps_ref = to_eps(x[ref_rows], eps_ref, sigma[ref_rows])
-        weights = mode_weights(s.mode, eps_loras, eps_ref, patch_size=s.patch_size, temperature=s.temperature,
-                               top_k=s.top_k or None, step=step)
-        self.last_weights = weights
-        out = (base if base is not None else loras[0]).clone()
-        out[cond] = weighted_sum(loras[:, cond], weights)
-        if unc:
-            w_unc = weights[:, layout.cond_of_uncond] if weights.shape[1] > 1 else weights
-            fused = weighted_sum(loras[:, unc], w_unc)
-            base_unc = base[unc] if base is not None else fused
-            out[unc] = recentre_uncond(base_unc, fused, mode_recentre(s.mode, s.recentre))
-        return out
 
     def __call__(
         self,
@@ -115,5 +92,69 @@ class Composer:
         x: Tensor | None = None,
         sigma: Tensor | None = None,
     ) -> Tensor:
-        """One step: `fuse(predict(...))`; fn(inputs) -> (B, C, H, W) predictions (x0 space when x, sigma given)."""
-        return self.fuse(self.predict(fn, inputs, step), layout, step, x, sigma)
+        """fn(inputs) -> predictions (B, C, H, W) in ε space, or in x0 space when x and sigma are given.
+
+        x, sigma: the host batch's noisy latent and sigma, (B, C, H, W) and (B,).
+        """
+        groups = self.groups(step, layout, batch_size(inputs))
+        preds = evaluate(fn, inputs, self.router, batched=self.batched, adapters=groups, max_rows=self.max_rows)
+        return self.fuse(preds, layout, step, x, sigma, base=groups[0] is None)
+
+    def fuse(self, preds: Tensor, layout: BatchLayout, step: int, x: Tensor | None = None,
+             sigma: Tensor | None = None, *, base: bool | None = None) -> Tensor:
+        """The fusion alone: patch weights, weighted sum and re-centring over `preds` (G, B, C, H, W) of `groups`.
+
+        base: whether preds[0] is the base model's (default: as the mode evaluates it on a fresh step).
+        """
+        s = self.settings
+        if s.mode == "switch":
+            return preds[0]
+        has_base = s.mode == "loratorio" if base is None else base
+        base = preds[0] if has_base else None
+        loras = preds[1:] if has_base else preds
+        cond, unc = list(layout.cond_rows), list(layout.uncond_rows)
+        weights = self._weights(loras, base, layout, step, x, sigma)
+        out = (base if base is not None else loras[0]).clone()
+        out[cond] = weighted_sum(loras[:, cond], weights)
+        if unc:
+            w_unc = weights[:, layout.cond_of_uncond] if weights.shape[1] > 1 else weights
+            fused = weighted_sum(loras[:, unc], w_unc)
+            base_unc = base[unc] if base is not None else fused
+            out[unc] = recentre_uncond(base_unc, fused, mode_recentre(s.mode, s.recentre))
+        return out
+
+    def _weights(self, loras: Tensor, base: Tensor | None, layout: BatchLayout, step: int, x: Tensor | None,
+                 sigma: Tensor | None) -> Tensor:
+        """Ω for this step: the last map while `reuse` allows, else freshly from the predictions."""
+        s, cond = self.settings, list(layout.cond_rows)
+        if self._reusable(step, len(cond)):
+            if self.last_weights.shape[-2:] == loras.shape[-2:]:
+                return self.last_weights
+            if base is None:
+                raise ValueError("the reused LoRAtorio weights are for another latent size; use one Composer per pass")
+        eps_loras, eps_ref = loras[:, cond], None
+        if base is not None:
+            ref_rows = cond
+            if s.reference == "uncond" and layout.uncond_rows:
+                ref_rows = [layout.uncond_rows[j] for j in layout.uncond_of_cond]
+            eps_ref = base[ref_rows]
+            if x is not None:
+                eps_loras = to_eps(x[cond], eps_loras, sigma[cond])
+                eps_ref = to_eps(x[ref_rows], eps_ref, sigma[ref_rows])
+        weights = mode_weights(s.mode, eps_loras, eps_ref, patch_size=s.patch_size, temperature=s.temperature,
+                               top_k=s.top_k or None, step=step)
+        self.last_weights, self._weights_step = weights, step
+        return weights
+
+    def _reusable(self, step: int, n_cond: int) -> bool:
+        """Whether step falls within `reuse` steps after the last computed map, for the same number of cond rows."""
+        s, w, last = self.settings, self.last_weights, self._weights_step
+        return (s.reuse > 0 and s.mode == "loratorio" and w is not None and last is not None
+                and 0 < step - last <= s.reuse and w.shape[1] == n_cond)
+
+
+def _base_read(layout: BatchLayout, settings: Settings, batch: int | None) -> bool:
+    """Whether the fusion reads the base prediction once Ω is known: to re-centre, or for rows it does not fuse."""
+    if batch is None or len(layout.cond_rows) + len(layout.uncond_rows) != batch:
+        return True
+    return bool(layout.uncond_rows) and mode_recentre(settings.mode, settings.recentre) > 0

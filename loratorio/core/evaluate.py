@@ -46,7 +46,7 @@ def evaluate(
     one call of B rows per group. `max_rows` caps a batched call's rows, splitting on group boundaries.
     """
     groups = tuple(adapters) if adapters is not None else (None, *range(router.n_adapters))
-    batch = _batch_size(inputs)
+    batch = batch_size(inputs)
     per_call = 1 if not batched else len(groups)
     if batched and max_rows:
         per_call = max(1, min(len(groups), max_rows // max(batch, 1)))
@@ -60,7 +60,8 @@ def evaluate(
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
-def _batch_size(inputs: Any) -> int:
+def batch_size(inputs: Any) -> int:
+    """The batch size shared by every tensor of an input tree; an error if they disagree."""
     sizes = set()
     tree_map(lambda t: sizes.add(t.shape[0]) if t.dim() else None, inputs)
     if len(sizes) != 1:

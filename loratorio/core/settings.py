@@ -50,6 +50,11 @@ class Settings:
     show_maps: bool = field(default=False, metadata=_spec(
         "show maps", help="Add one image per LoRA to the results, showing where it won."))
 
+    # Added after show_maps so that the API's positional order of the earlier fields stays stable.
+    reuse: int = field(default=0, metadata=_spec(
+        "reuse steps", lo=0, hi=100, help="Keep the patch weights for this many steps after computing them (0 = "
+        "every step). Saves the similarity, and with recentre 0 also the base model's evaluation on those steps."))
+
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             _check(f, getattr(self, f.name))

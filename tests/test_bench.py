@@ -1,0 +1,103 @@
+"""The speed benchmark's command line, report and memory probe, on a tiny stand-in UNet (diffusers not needed)."""
+
+import json
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loratorio.bench import speed
+from loratorio.bench.__main__ import main as bench_main
+
+
+class FakeUNet(nn.Module):
+    """diffusers' call signature and target names (to_q … to_out.0, ff.net.*, resnets' conv1/conv2) on a few layers."""
+
+    def __init__(self, cross_attention_dim: int = 8, **_: object) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(4, 8, 3, padding=1)
+        self.to_q, self.to_k, self.to_v = nn.Linear(8, 8), nn.Linear(cross_attention_dim, 8), \
+            nn.Linear(cross_attention_dim, 8)
+        self.to_out = nn.ModuleList([nn.Linear(8, 8)])
+        self.conv2 = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x, t, encoder_hidden_states, added_cond_kwargs=None):
+        b, _, h, w = x.shape
+        tokens = self.conv1(x).flatten(2).transpose(1, 2)
+        q, k, v = self.to_q(tokens), self.to_k(encoder_hidden_states), self.to_v(encoder_hidden_states)
+        tokens = tokens + self.to_out[0](F.scaled_dot_product_attention(q, k, v))
+        return SimpleNamespace(sample=self.conv2(tokens.transpose(1, 2).reshape(b, 8, h, w)))
+
+
+def test_dispatcher_usage_and_unknown_command(capsys):
+    assert bench_main([]) == 2 and bench_main(["nope"]) == 2
+    assert "speed" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        bench_main(["speed", "--help"])
+    assert exit_.value.code == 0 and "--plot" in capsys.readouterr().out
+
+
+def test_missing_diffusers_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # makes `import diffusers` raise ImportError
+    with pytest.raises(SystemExit, match="requirements-bench.txt"):
+        speed.load_unet_class()
+
+
+def test_speed_report_on_a_stand_in_unet(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(speed, "load_unet_class", lambda: FakeUNet)
+    out = tmp_path / "r.json"
+    argv = ["speed", "--device", "cpu", "--tiny", "--latent", "4", "--n", "1", "3", "--repeats", "2", "--warmup", "0",
+            "--json", str(out), "--plot", str(tmp_path / "p.png")]
+    assert bench_main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["targets"] == 6 and list(report["per_n"]) == ["1", "3"]
+    for r in report["per_n"].values():
+        assert set(r["rows"]) == set(speed.KINDS) and all(len(row["times_s"]) == 2 for row in r["rows"].values())
+        t = {k: v["median_s"] for k, v in r["rows"].items()}
+        assert r["batched_over_floor"] == pytest.approx(t["batched"] / t["floor"])
+        assert r["sequential_over_batched"] == pytest.approx(t["sequential"] / t["batched"])
+        assert r["lora_factors_mib"] > 0
+    printed = capsys.readouterr().out
+    assert "batched/floor" in printed
+    try:
+        import matplotlib  # noqa: F401
+        assert (tmp_path / "p.png").stat().st_size > 0
+    except ImportError:
+        assert "matplotlib is not installed" in printed
+
+
+def test_merger_restores_the_base_weights():
+    unet = FakeUNet()
+    names = speed.target_names(unet)
+    before = {n: unet.get_submodule(n).weight.clone() for n in names}
+    merger = speed.Merger(unet, names)
+    with torch.no_grad():
+        merger.merge(speed.make_loras(unet, names, 2, 4, seed=0))
+        assert not torch.equal(unet.to_q.weight, before["to_q"])
+        merger.restore()
+    assert all(torch.equal(unet.get_submodule(n).weight, w) for n, w in before.items())
+
+
+def test_cpu_peak_memory_sees_a_transient_allocation():
+    mem = speed.PeakMemory(torch.device("cpu"))
+    if not mem.resettable:
+        pytest.skip("no resettable RSS high-water mark on this OS")
+    mem.reset()
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    del block
+    peak, extra = mem.read()
+    assert extra >= 48 and peak >= extra
+    mem.reset()
+    assert mem.read()[1] < 32  # the reset forgot the earlier peak
+
+
+def test_real_diffusers_unet_smoke(tmp_path):
+    pytest.importorskip("diffusers")
+    argv = ["speed", "--device", "cpu", "--tiny", "--latent", "8", "--n", "2", "--repeats", "1", "--warmup", "0",
+            "--json", str(tmp_path / "r.json")]
+    assert bench_main(argv) == 0
+    r = json.loads((tmp_path / "r.json").read_text())["per_n"]["2"]
+    assert r["batched_over_floor"] > 0 and r["rows"]["batched"]["median_s"] > 0
