@@ -8,6 +8,13 @@ from torch import Tensor
 LATENT_SCALE = 8  # SD's VAE: one latent pixel is 8×8 image pixels
 
 
+def accumulate(total: Tensor | None, steps: int, maps: Tensor) -> tuple[Tensor, int]:
+    """Running sum of (N, B, h, w) weight maps over steps; restarts when the shape changes (a new pass or size)."""
+    if total is None or total.shape != maps.shape:
+        return maps.clone(), 1
+    return total + maps, steps + 1
+
+
 def weight_map_images(mean_maps: Tensor, names: list[str]) -> list[tuple[str, object]]:
     """(caption, PIL image) per image and LoRA from (N, B, h, w) mean weights in [0, 1]; white = that LoRA won."""
     from PIL import Image  # the WebUIs ship Pillow; imported late so the core and tests never need it

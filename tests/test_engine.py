@@ -1,6 +1,5 @@
 """The engine over a host-style CFG batch, inside a toy Euler sampling loop (k-diffusion's sample_euler)."""
 
-import copy
 
 import pytest
 import torch
@@ -11,11 +10,10 @@ from loratorio.core import (
     MultiAdapter,
     Settings,
     evaluate,
-    merged_weight,
     recentre_uncond,
     weighted_sum,
 )
-from tests.toy import CTX, Denoiser
+from tests.toy import CTX, Denoiser, merged_copy
 
 STEPS = 6
 SIGMAS = torch.linspace(8.0, 0.0, STEPS + 1)
@@ -49,12 +47,7 @@ def setting():
 
 
 def merged_model(unet, lora):
-    model = copy.deepcopy(unet)
-    with torch.no_grad():
-        for name, adapter in lora.items():
-            layer = model.get_submodule(name)
-            layer.weight += merged_weight(layer, adapter)
-    return Denoiser(model)
+    return Denoiser(merged_copy(unet, lora))
 
 
 def compose_sampler(unet, loras, settings, space="x0"):

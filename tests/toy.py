@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from loratorio.core import LowRank
+from loratorio.core import LowRank, merged_weight
 
 CTX = 8
 
@@ -79,3 +80,13 @@ def make_lora(unet: TinyUNet, seed: int, rank: int = 2, multiplier: float = 1.0)
     out["conv_in"] = LowRank(_randn(g, rank, 4, 1, 1), _randn(g, 8, rank, 1, 1), alpha=rank,
                              mid=_randn(g, rank, rank, 3, 3), multiplier=multiplier)
     return out
+
+
+def merged_copy(unet: TinyUNet, lora: dict[str, LowRank]) -> TinyUNet:
+    """A copy of the model with the LoRA summed into its weights: the host's plain "merge" behaviour."""
+    model = copy.deepcopy(unet)
+    with torch.no_grad():
+        for name, adapter in lora.items():
+            layer = model.get_submodule(name)
+            layer.weight += merged_weight(layer, adapter)
+    return model

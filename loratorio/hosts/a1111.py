@@ -32,6 +32,7 @@ from loratorio.core import (
     in_window,
     tree_map,
 )
+from loratorio.maps import accumulate
 
 log = logging.getLogger(__name__)
 
@@ -255,11 +256,7 @@ class GenerationState:
         if not self.settings.show_maps or w is None or w.shape[1] != len(layout.cond_rows):
             return
         firsts = [layout.uncond_of_cond.index(j) for j in range(len(layout.uncond_rows))] or [0]
-        maps = w[:, firsts, 0].float().cpu()
-        if self.map_sum is None or self.map_sum.shape != maps.shape:
-            self.map_sum, self.map_steps = torch.zeros_like(maps), 0
-        self.map_sum += maps
-        self.map_steps += 1
+        self.map_sum, self.map_steps = accumulate(self.map_sum, self.map_steps, w[:, firsts, 0].float().cpu())
 
     def fail(self, reason: str) -> None:
         """Stop composing for the rest of this pass, and say so once (console and infotext)."""

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from loratorio.core import Adapter, BatchLayout, Callback, Composer, Dense, LowRank, MultiAdapter, Settings, in_window
+from loratorio.maps import accumulate
 
 log = logging.getLogger(__name__)
 
@@ -411,11 +412,7 @@ class GenerationState:
         w = self.composer.last_weights
         if not self.settings.show_maps or w is None or w.dim() != 5 or w.shape[-1] == 1:
             return
-        maps = w[:, :, 0].float().cpu()
-        if self.map_sum is None or self.map_sum.shape != maps.shape:
-            self.map_sum, self.map_steps = torch.zeros_like(maps), 0
-        self.map_sum += maps
-        self.map_steps += 1
+        self.map_sum, self.map_steps = accumulate(self.map_sum, self.map_steps, w[:, :, 0].float().cpu())
 
     def fail(self, reason: str) -> None:
         """Stop composing for the rest of this pass (every LoRA merged-equivalent), and say so once."""
