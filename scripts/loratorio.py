@@ -47,7 +47,10 @@ class LoratorioScript(scripts.Script):
     def process_before_every_sampling(self, p, *args, **kwargs):
         self._remove()
         if getattr(self, "error", None):
-            self.undo = a1111.refuse(p.sampler.model_wrap_cfg, self.error)
+            if HOST in (FORGE, REFORGE):
+                self.undo = forge.refuse(p, self.error)
+            elif HOST == A1111:
+                self.undo = a1111.refuse(p.sampler.model_wrap_cfg, self.error)
             return
         if not getattr(self, "settings", None) or not self.settings.enabled:
             return

@@ -81,3 +81,22 @@ def test_install_failure_is_reported_and_nothing_is_assigned(forge_env, monkeypa
     x, c, u = latent(), prompt(), prompt(seed=8)
     env.host.reset()
     assert torch.isfinite(sample(env.host, x, [c], u)).all()
+
+
+def test_bad_api_value_fails_the_sampling_call_and_is_undone(forge_env):
+    """Forge's denoiser never calls the inner model, so the refusal rides on a clone's model_function_wrapper."""
+    env, args = forge_env, {"enabled": True, "patch_size": 0}
+    p = env.host.p
+    p.extra_generation_params = {}
+    env.host.reset()
+    with pytest.raises(ValueError, match="'patch_size' must be in"):
+        env.script.process(p, args)
+    env.script.process_before_every_sampling(p, args)
+    refused = p.sd_model.forge_objects.unet
+    assert refused is not env.host.after and "model_function_wrapper" not in env.host.after.model_options
+    with pytest.raises(ValueError, match="'patch_size' must be in"):
+        sample(env.host, latent(), [prompt()], prompt(seed=8))
+    env.script.process(p, {"enabled": False})  # the next request starts clean
+    assert p.sd_model.forge_objects.unet is env.host.after
+    env.script.process_before_every_sampling(p, {"enabled": False})
+    assert p.sd_model.forge_objects.unet is env.host.after

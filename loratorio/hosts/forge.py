@@ -546,6 +546,28 @@ def _patch(p: Any, unet: Any, settings: Settings, sources: list[LoraSource], tab
     return state
 
 
+def refuse(p: Any, message: str) -> Callable[[], None]:
+    """Make this pass fail with `message` from its first model call; returns the undo.
+
+    The host swallows exceptions from script hooks, and its CFG denoiser never calls the inner model (it reads the
+    UnetPatcher off it), so the refusal rides on a clone's model_function_wrapper instead (A1111: a1111.refuse).
+    """
+    objects = p.sd_model.forge_objects
+    original = objects.unet
+    unet = original.clone()
+
+    def wrapper(apply_model, args):
+        raise ValueError(message)
+
+    unet.set_model_unet_function_wrapper(wrapper)
+    objects.unet = unet
+
+    def undo() -> None:
+        if objects.unet is unet:
+            objects.unet = original
+    return undo
+
+
 def remove(state: GenerationState | None) -> None:
     """Undo `install`'s module hooks; the patcher clone then passes calls through. Safe to call twice."""
     if state is None:
