@@ -82,7 +82,9 @@ class KModel(nn.Module):
 def merge(patches, weight, key="", computation_dtype=torch.float32):
     """backend/patcher/lora.py merge_lora_to_weight for 'lora' (alpha/rank, Tucker mid) and 'diff' entries."""
     weight = weight.clone().float()
-    for strength, v, strength_model, _offset, _function in (tuple(p)[:5] for p in patches):
+    full = weight
+    for strength, v, strength_model, offset, _function in (tuple(p)[:5] for p in patches):
+        weight = full if offset is None else full.narrow(offset[0], offset[1], offset[2])
         if strength_model != 1.0:
             weight *= strength_model
         if getattr(v, "name", None) == "lora":  # reForge adapter object
@@ -101,7 +103,7 @@ def merge(patches, weight, key="", computation_dtype=torch.float32):
             weight += strength * scale * diff
         else:
             raise ValueError(kind)
-    return weight
+    return full
 
 
 class LoraLoader:

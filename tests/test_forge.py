@@ -327,6 +327,35 @@ def test_dense_fallback_for_other_patch_types():
     assert first in host.after.lora_patches
 
 
+def split_on_output_slices(host, names=("to_q", "res"), at=3):
+    """LoRA a's patches for `names` as two entries on output slices (Flux's fused qkv from diffusers-format keys)."""
+    file = next(iter(host.after.lora_patches))
+    patches = dict(host.after.lora_patches[file])
+    for name in names:
+        lora = host.loras[0][name]
+        out = lora.up.shape[0]
+        patches[f"diffusion_model.{name}.weight"] = [
+            [file[1], ("lora", (lora.up[start:stop], lora.down, lora.alpha, lora.mid, None)), 1.0,
+             (0, start, stop - start), None] for start, stop in ((0, at), (at, out))]
+    host.after.lora_patches = {**host.after.lora_patches, file: patches}
+
+
+def test_entries_on_output_slices_stay_low_rank_and_exact():
+    host, x, c, u = Host(), latent(), prompt(), prompt(seed=8)
+    whole, _ = run(host, x=x, cond=[c], uncond=u)
+    sliced_host = Host()
+    split_on_output_slices(sliced_host)
+    got, state = run(sliced_host, x=x, cond=[c], uncond=u)
+    assert state is not None and not sliced_host.warnings
+    kinds = {m: a.fn.func for m, per in state.router.targets.items() for i, a in per.items() if i == 0}
+    layers = sliced_host.after.model.diffusion_model
+    assert kinds[layers.to_q] is forge._sliced and kinds[layers.res] is forge._sliced
+    torch.testing.assert_close(got, whole, rtol=1e-5, atol=1e-5)
+    host.reset()
+    sliced_host.reset()  # the host's own merge of the sliced entries agrees too (so the fake is a fair stand-in)
+    torch.testing.assert_close(sample(sliced_host, x, [c], u), sample(host, x, [c], u), rtol=1e-5, atol=1e-5)
+
+
 def test_declines_clearly():
     host = Host()
     host.after.lora_patches = dict(list(host.after.lora_patches.items())[:1])

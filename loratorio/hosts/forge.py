@@ -162,24 +162,38 @@ def _stem(filename: str) -> str:
     return os.path.splitext(os.path.basename(filename))[0]
 
 
-def low_rank(entries: list) -> LowRank | None:
-    """A plain LoRA/LoCon entry as LowRank (scale = strength · alpha/rank, as merge_lora_to_weight); else None."""
-    if len(entries) != 1:
-        return None
-    strength, v, strength_model, offset, function = tuple(entries[0])[:5]
-    if strength_model != 1.0 or offset is not None or function is not None:
-        return None
-    if isinstance(v, tuple) and len(v) == 2 and v[0] == "lora":
-        weights = v[1]
-    elif getattr(v, "name", None) == "lora" and hasattr(v, "weights"):  # reForge's weight_adapter.LoRAAdapter
-        weights = v.weights
-    else:
-        return None
-    up, down, alpha, mid, dora = weights[:5]
-    if dora is not None or (len(weights) > 5 and weights[5] is not None):
-        return None
-    alpha = None if alpha is None else float(alpha)
-    return LowRank(down, up, alpha, mid, float(strength))
+def low_rank(entries: list) -> list[tuple[LowRank, tuple | None]] | None:
+    """Plain LoRA/LoCon entries as LowRank (scale = strength · alpha/rank, as merge_lora_to_weight); else None.
+
+    Each comes with its output slice, `offset` = (0, start, size) or None: a diffusers-format LoRA for Flux has
+    separate q, k and v factors that the host's key map puts on slices of one fused qkv weight.
+    """
+    parts = []
+    for entry in entries:
+        strength, v, strength_model, offset, function = tuple(entry)[:5]
+        if strength_model != 1.0 or function is not None or (offset is not None and offset[0] != 0):
+            return None
+        if isinstance(v, tuple) and len(v) == 2 and v[0] == "lora":
+            weights = v[1]
+        elif getattr(v, "name", None) == "lora" and hasattr(v, "weights"):  # reForge's weight_adapter.LoRAAdapter
+            weights = v.weights
+        else:
+            return None
+        up, down, alpha, mid, dora = weights[:5]
+        if dora is not None or (len(weights) > 5 and weights[5] is not None):
+            return None
+        alpha = None if alpha is None else float(alpha)
+        parts.append((LowRank(down, up, alpha, mid, float(strength)), None if offset is None else tuple(offset)))
+    return parts or None
+
+
+def _sliced(layer: nn.Module | None, parts: list[tuple[LowRank, tuple | None]], x: Tensor, y: Tensor) -> Tensor:
+    """Several low-rank entries on one layer, each added to its slice of the output (channels for a conv)."""
+    dim = 1 if isinstance(layer, nn.Conv2d) else -1
+    for adapter, offset in parts:
+        # narrow() is a view: the in-place add lands in y.
+        adapter.apply(layer, x, y if offset is None else y.narrow(dim, offset[1], offset[2]))
+    return y
 
 
 class TensorHolder(nn.Module):
@@ -211,10 +225,13 @@ def module_adapter(kmodel: nn.Module, name: str, parts: dict[str, list], backend
     # Forge's (and its bnb/GGUF variants') Linear is a plain nn.Module named Linear (backend/operations.py).
     if not isinstance(layer, (nn.Conv2d, nn.Linear)) and type(layer).__name__ != "Linear":
         raise Declined(f"a LoRA patches {name} ({type(layer).__name__}); only Linear and Conv2d layers can be routed")
-    lr = low_rank(parts["weight"]) if set(parts) == {"weight"} else None
-    if lr is not None:
-        lr = LowRank(holder.keep(lr.down), holder.keep(lr.up), lr.alpha, holder.keep(lr.mid), lr.multiplier)
-        return _bound(lr, layer)
+    entries = low_rank(parts["weight"]) if set(parts) == {"weight"} else None
+    if entries is not None:
+        kept = [(LowRank(holder.keep(lr.down), holder.keep(lr.up), lr.alpha, holder.keep(lr.mid), lr.multiplier),
+                 offset) for lr, offset in entries]
+        if len(kept) == 1 and kept[0][1] is None:
+            return _bound(kept[0][0], layer)
+        return Callback(partial(_sliced, layer if isinstance(layer, nn.Conv2d) else None, kept))
     deltas = {}
     for param in ("weight", "bias"):
         key = f"{name}.{param}"
