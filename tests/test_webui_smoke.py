@@ -33,6 +33,13 @@ def post(path, payload):
         return json.loads(resp.read())
 
 
+def hires_extras():
+    """Forge 2.x reads hr_additional_modules unguarded in hires fix, and its API defaults it to None."""
+    with urllib.request.urlopen(URL + "/sdapi/v1/options", timeout=60) as resp:
+        forge = "forge_additional_modules" in json.loads(resp.read())
+    return {"hr_additional_modules": ["Use same choices"]} if forge else {}
+
+
 def txt2img(prompt_suffix="", loratorio=None, **overrides):
     payload = {**BASE, **overrides, "prompt": BASE["prompt"] + prompt_suffix}
     if loratorio is not None:
@@ -87,7 +94,7 @@ def test_disabled_after_enabled_is_bit_identical():
 def test_positional_args_and_timestep_sampler_with_batch_and_hires():
     images, info = txt2img(TWO, [True, "loratorio", 4, 0.05, 0.5, 0, "cond", "auto", 5, 0.0, 1.0, False],
                            sampler_name="DDIM", batch_size=2, enable_hr=True, hr_scale=1.5, hr_upscaler="Latent",
-                           denoising_strength=0.6, hr_second_pass_steps=3)
+                           denoising_strength=0.6, hr_second_pass_steps=3, **hires_extras())
     assert len(images) == 2 and "LoRAtorio warning" not in info["extra_generation_params"]
 
 
