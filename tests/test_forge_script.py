@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -12,39 +10,21 @@ import torch
 from loratorio.hosts import forge
 from tests import fake_forge as fake
 from tests.test_forge import Host, latent, prompt, sample
-from tests.test_script import ROOT, Component, module
+from tests.test_script import load_entry, module
 
 
 @pytest.fixture
 def forge_env(monkeypatch):
     host = Host()
-    reports = []
-
-    class Script:
-        pass
-
-    mods = {
-        "gradio": module("gradio", Slider=Component, Dropdown=Component, Checkbox=Component, Row=Component,
-                         Accordion=Component),
-        "modules": module("modules"),
-        "modules.scripts": module("modules.scripts", Script=Script, AlwaysVisible=object()),
-        "modules.script_callbacks": module("modules.script_callbacks", on_cfg_denoiser=None, on_cfg_denoised=None),
-        "modules.errors": module("modules.errors", report=lambda msg, exc_info=False: reports.append(msg)),
-        "modules.shared": module("modules.shared", sd_model=host.sd_model),
-        "modules.ui_components": module("modules.ui_components", InputAccordion=Component),
+    host_modules = {
         "backend": module("backend"),
         "backend.patcher": module("backend.patcher"),
         "backend.patcher.unet": module("backend.patcher.unet", UnetPatcher=fake.UnetPatcher),
         "backend.patcher.lora": module("backend.patcher.lora", merge_lora_to_weight=fake.merge),
         "networks": host.networks,
     }
-    for name, mod in mods.items():
-        monkeypatch.setitem(sys.modules, name, mod)
-    for name in ("errors", "script_callbacks", "scripts", "shared", "ui_components"):
-        monkeypatch.setattr(mods["modules"], name, mods[f"modules.{name}"], raising=False)
-    spec = importlib.util.spec_from_file_location("loratorio_entry_script_forge", ROOT / "scripts" / "loratorio.py")
-    entry = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(entry)
+    callbacks = {"on_cfg_denoiser": None, "on_cfg_denoised": None}
+    entry, reports = load_entry(monkeypatch, host_modules, host.sd_model, callbacks, "loratorio_entry_script_forge")
     return SimpleNamespace(host=host, entry=entry, script=entry.LoratorioScript(), reports=reports)
 
 

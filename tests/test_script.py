@@ -38,10 +38,8 @@ def module(name, **attrs):
     return mod
 
 
-@pytest.fixture
-def script_env(monkeypatch):
-    host = Host()
-    registered = {}
+def load_entry(monkeypatch, host_modules: dict, sd_model, callbacks: dict, name: str):
+    """Install fake host modules (the shared `modules.*` plus `host_modules`) and load scripts/loratorio.py."""
     reports = []
 
     class Script:
@@ -52,22 +50,34 @@ def script_env(monkeypatch):
                          Accordion=Component),
         "modules": module("modules"),
         "modules.scripts": module("modules.scripts", Script=Script, AlwaysVisible=object()),
-        "modules.script_callbacks": module(
-            "modules.script_callbacks", on_cfg_denoiser=lambda f: registered.setdefault("denoiser", f),
-            on_cfg_denoised=lambda f: registered.setdefault("denoised", f)),
+        "modules.script_callbacks": module("modules.script_callbacks", **callbacks),
         "modules.errors": module("modules.errors", report=lambda msg, exc_info=False: reports.append(msg)),
-        "modules.shared": module("modules.shared", sd_model=host.sd_model),
+        "modules.shared": module("modules.shared", sd_model=sd_model),
         "modules.ui_components": module("modules.ui_components", InputAccordion=Component),
+        **host_modules,
+    }
+    for mod_name, mod in mods.items():
+        monkeypatch.setitem(sys.modules, mod_name, mod)
+    for sub in ("errors", "script_callbacks", "scripts", "shared", "ui_components", "sd_samplers_cfg_denoiser"):
+        if f"modules.{sub}" in mods:
+            monkeypatch.setattr(mods["modules"], sub, mods[f"modules.{sub}"], raising=False)
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / "loratorio.py")
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    return entry, reports
+
+
+@pytest.fixture
+def script_env(monkeypatch):
+    host = Host()
+    registered = {}
+    callbacks = {"on_cfg_denoiser": lambda f: registered.setdefault("denoiser", f),
+                 "on_cfg_denoised": lambda f: registered.setdefault("denoised", f)}
+    host_modules = {
         "modules.sd_samplers_cfg_denoiser": module("modules.sd_samplers_cfg_denoiser", CFGDenoiser=fake.CFGDenoiser),
         "networks": host.networks_module,
     }
-    for name, mod in mods.items():
-        monkeypatch.setitem(sys.modules, name, mod)
-    for name in ("errors", "script_callbacks", "scripts", "shared", "ui_components", "sd_samplers_cfg_denoiser"):
-        monkeypatch.setattr(mods["modules"], name, mods[f"modules.{name}"], raising=False)
-    spec = importlib.util.spec_from_file_location("loratorio_entry_script", ROOT / "scripts" / "loratorio.py")
-    entry = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(entry)
+    entry, reports = load_entry(monkeypatch, host_modules, host.sd_model, callbacks, "loratorio_entry_script")
     host.callbacks = fake.Callbacks([registered["denoiser"]], [registered["denoised"]])
     return SimpleNamespace(host=host, entry=entry, script=entry.LoratorioScript(), reports=reports)
 
