@@ -149,7 +149,7 @@ def test_no_routing_is_base_output(unet, two_loras, inputs):
 def test_validation(unet, two_loras):
     with pytest.raises(ValueError, match="no module named"):
         MultiAdapter(unet, [{"nope": two_loras[0]["to_q"]}])
-    with pytest.raises(ValueError, match="only Linear and Conv2d"):
+    with pytest.raises(ValueError, match="LowRank deltas go on Linear and Conv2d layers"):
         MultiAdapter(unet, [{"": two_loras[0]["to_q"]}])
     router = MultiAdapter(unet, two_loras)
     with pytest.raises(ValueError, match="adapters \\[2\\]"):

@@ -15,7 +15,8 @@ CTX = 8
 
 
 class TinyUNet(nn.Module):
-    """conv, resnet conv, cross-attention (Linear q/k/v/out), feed-forward and 1×1 projection: every targeted kind."""
+    """conv, resnet conv, cross-attention (Linear q/k/v/out), feed-forward, 1×1 projection, a time-embedding Linear
+    (one row per image) and GroupNorm/LayerNorm: every targeted kind."""
 
     def __init__(self, ch: int = 4, hidden: int = 8, ctx: int = CTX) -> None:
         super().__init__()
@@ -30,17 +31,20 @@ class TinyUNet(nn.Module):
         self.ff2 = nn.Linear(2 * hidden, hidden)
         self.proj = nn.Conv2d(hidden, hidden, 1)
         self.conv_out = nn.Conv2d(hidden, ch, 3, padding=1)
+        # Norms (initialised without the RNG, so every other weight is as before): for norm-layer deltas.
+        self.norm = nn.GroupNorm(2, hidden)
+        self.ln = nn.LayerNorm(hidden)
 
     def forward(self, x: Tensor, sigma: Tensor, context: Tensor) -> Tensor:
         b, _, h, w = x.shape
         c_in = 1 / (sigma**2 + 1).sqrt()
         feat = self.conv_in(x * c_in.view(-1, 1, 1, 1)) + self.time(sigma.log().view(-1, 1))[:, :, None, None]
-        feat = feat + self.res(F.silu(feat))
+        feat = feat + self.res(F.silu(self.norm(feat)))
         tokens = feat.flatten(2).transpose(1, 2)
         q, k, v = self.to_q(tokens), self.to_k(context), self.to_v(context)
         attn = (q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])).softmax(-1) @ v
         tokens = tokens + self.to_out(attn)
-        tokens = tokens + self.ff2(F.gelu(self.ff1(tokens)))
+        tokens = tokens + self.ff2(F.gelu(self.ff1(self.ln(tokens))))
         feat = self.proj(tokens.transpose(1, 2).reshape(b, -1, h, w))
         return self.conv_out(F.silu(feat))
 

@@ -1,6 +1,21 @@
 """LoRAtorio's host-independent core: pure PyTorch and the standard library, never a WebUI module."""
 
-from loratorio.core.adapters import Adapter, Callback, Dense, LowRank, merged_weight
+from loratorio.core.adapters import (
+    Adapter,
+    Bias,
+    Callback,
+    Chain,
+    Dense,
+    LoHa,
+    LoKr,
+    LowRank,
+    Materialized,
+    NormDelta,
+    Rescaled,
+    merged_weight,
+    probe,
+    tucker,
+)
 from loratorio.core.engine import BatchLayout, Composer
 from loratorio.core.evaluate import evaluate, tree_map, tree_repeat
 from loratorio.core.fusion import (
@@ -18,9 +33,10 @@ from loratorio.core.routing import MultiAdapter, RoutingSlot, RowRouting
 from loratorio.core.settings import ARG_ORDER, Settings, settings_from_args
 
 __all__ = [
-    "ARG_ORDER", "MODES", "Adapter", "adapters_for_model", "BatchLayout", "Callback", "compose", "Composer",
-    "Dense", "evaluate", "in_window", "kohya_name", "LowRank", "merged_weight", "mode_recentre", "mode_weights",
-    "MultiAdapter", "patch_similarity", "patch_weights", "recentre_uncond", "RoutingSlot", "RowRouting",
-    "Settings", "settings_from_args", "softmin_weights", "switch_index", "to_adapter", "to_eps", "to_state_dict",
-    "tree_map", "tree_repeat", "weighted_sum",
+    "ARG_ORDER", "MODES", "Adapter", "adapters_for_model", "BatchLayout", "Bias", "Callback", "Chain", "compose",
+    "Composer", "Dense", "evaluate", "in_window", "kohya_name", "LoHa", "LoKr", "LowRank", "Materialized",
+    "merged_weight", "mode_recentre", "mode_weights", "MultiAdapter", "NormDelta", "patch_similarity",
+    "patch_weights", "probe", "recentre_uncond", "Rescaled", "RoutingSlot", "RowRouting", "Settings",
+    "settings_from_args", "softmin_weights", "switch_index", "to_adapter", "to_eps", "to_state_dict", "tree_map",
+    "tree_repeat", "tucker", "weighted_sum",
 ]

@@ -16,7 +16,7 @@ from functools import cached_property
 import torch
 from torch import Tensor, nn
 
-from loratorio.core.adapters import Adapter, Callback, LowRank
+from loratorio.core.adapters import Adapter, Callback, LowRank, NormDelta
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +122,11 @@ class MultiAdapter:
                 module = names.get(key) if isinstance(key, str) else key
                 if module is None:
                     raise ValueError(f"adapter {i}: no module named {key!r} under the model")
-                if not isinstance(adapter, Callback) and not isinstance(module, (nn.Linear, nn.Conv2d)):
-                    raise ValueError(f"adapter {i}: {key!r} is a {type(module).__name__}; only Linear and Conv2d "
-                                     "take low-rank or dense deltas (use a Callback adapter)")
+                takes = (nn.GroupNorm, nn.LayerNorm) if isinstance(adapter, NormDelta) else (nn.Linear, nn.Conv2d)
+                if not isinstance(adapter, Callback) and not isinstance(module, takes):
+                    raise ValueError(f"adapter {i}: {key!r} is a {type(module).__name__}; {type(adapter).__name__} "
+                                     f"deltas go on {' and '.join(t.__name__ for t in takes)} layers (or use a "
+                                     "Callback adapter)")
                 self.targets.setdefault(module, {})[i] = adapter
         self._handles: list = []
         # Per (layer, adapter ids in row order): the adapters' factors stacked for one bmm, or None where the layer
