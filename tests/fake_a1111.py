@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from loratorio.core import LowRank, merged_weight
+from loratorio.core import LowRank
 from tests.toy import TinyUNet
 
 
@@ -162,49 +163,226 @@ class CFGDenoiserTimesteps(CFGDenoiser):
         return x_in - x_out
 
 
-class NetworkModuleLora:
-    """network_lora.NetworkModuleLora's surface: factor modules plus the scale/multiplier methods."""
+class NetworkModule:
+    """network.NetworkModule's surface and maths: calc_scale(), multiplier(), finalize_updown() (bias, alpha scale,
+    DoRA's apply_weight_decompose, multiplier) and the generic forward y + op(x, ΔW, Δb)."""
 
-    def __init__(self, net, layer, lora: LowRank):
-        self.network, self.lora = net, lora
-        self.dim, self.alpha, self.scale, self.bias, self.dora_scale = lora.rank, lora.alpha, None, None, None
-        conv = isinstance(layer, nn.Conv2d)
-        self.down_model = SimpleNamespace(weight=lora.down if conv or lora.down.dim() == 2 else lora.down.flatten(1))
-        self.up_model = SimpleNamespace(weight=lora.up)
-        self.mid_model = None if lora.mid is None else SimpleNamespace(weight=lora.mid)
-        self.layer = layer
+    def __init__(self, net, layer, w):
+        self.network, self.sd_module, self.layer = net, layer, layer
+        self.shape = layer.weight.shape
+        self.dim = None
+        self.bias = w.get("bias")
+        self.alpha = w["alpha"].item() if "alpha" in w else None
+        self.scale = w["scale"].item() if "scale" in w else None
+        self.dora_scale = w.get("dora_scale")
+        self.dora_norm_dims = len(self.shape) - 1
 
     def multiplier(self):
         return self.network.unet_multiplier
 
     def calc_scale(self):
-        return self.alpha / self.dim if self.alpha is not None else 1.0
+        if self.scale is not None:
+            return self.scale
+        if self.dim is not None and self.alpha is not None:
+            return self.alpha / self.dim
+        return 1.0
 
-    def _as_lowrank(self):
-        return LowRank(self.lora.down, self.lora.up, None, self.lora.mid, self.multiplier() * self.calc_scale())
+    def apply_weight_decompose(self, updown, orig_weight):
+        merged = updown + orig_weight.to(updown.dtype)
+        norm = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1, keepdim=True)
+        norm = norm.reshape(merged.shape[1], *[1] * self.dora_norm_dims).transpose(0, 1)
+        return merged * (self.dora_scale / norm) - orig_weight
 
-    def calc_updown(self, orig_weight):
-        return merged_weight(self.layer, self._as_lowrank()), None
+    def finalize_updown(self, updown, orig_weight, output_shape, ex_bias=None):
+        if self.bias is not None:
+            updown = (updown.reshape(self.bias.shape) + self.bias).reshape(output_shape)
+        if len(output_shape) == 4:
+            updown = updown.reshape(output_shape)
+        if orig_weight.numel() == updown.numel():
+            updown = updown.reshape(orig_weight.shape)
+        if ex_bias is not None:
+            ex_bias = ex_bias * self.multiplier()
+        updown = updown * self.calc_scale()
+        if self.dora_scale is not None:
+            updown = self.apply_weight_decompose(updown, orig_weight)
+        return updown * self.multiplier(), ex_bias
 
     def forward(self, x, y):
-        return self._as_lowrank().apply(self.layer, x, y.clone())
+        updown, ex_bias = self.calc_updown(self.layer.weight)
+        if isinstance(self.layer, nn.Conv2d):
+            return y + F.conv2d(x, updown, ex_bias, stride=self.layer.stride, padding=self.layer.padding)
+        if isinstance(self.layer, nn.GroupNorm):
+            return y + F.group_norm(x, self.layer.num_groups, updown, ex_bias, self.layer.eps)
+        if isinstance(self.layer, nn.LayerNorm):
+            return y + F.layer_norm(x, self.layer.normalized_shape, updown, ex_bias, self.layer.eps)
+        return y + F.linear(x, updown, ex_bias)
+
+
+def _cp(t, wa, wb):
+    """lyco_helpers.make_weight_cp."""
+    return torch.einsum("i j k l, i r -> r j k l", torch.einsum("i j k l, j r -> i r k l", t, wb), wa)
+
+
+class NetworkModuleLora(NetworkModule):
+    """network_lora.NetworkModuleLora: factor modules; calc_updown by rebuild_conventional / rebuild_cp."""
+
+    def __init__(self, net, layer, lora: LowRank, dora_scale=None):
+        w = {"alpha": torch.tensor(float(lora.alpha))} if lora.alpha is not None else {}
+        if dora_scale is not None:
+            w["dora_scale"] = dora_scale
+        super().__init__(net, layer, w)
+        self.lora = lora
+        conv = isinstance(layer, nn.Conv2d)
+        self.down_model = SimpleNamespace(weight=lora.down if conv or lora.down.dim() == 2 else lora.down.flatten(1))
+        self.up_model = SimpleNamespace(weight=lora.up)
+        self.mid_model = None if lora.mid is None else SimpleNamespace(weight=lora.mid)
+        self.dim = lora.rank
+
+    def calc_updown(self, orig_weight):
+        up, down = self.up_model.weight, self.down_model.weight
+        shape = [up.size(0), down.size(1)]
+        if self.mid_model is not None:
+            mid = self.mid_model.weight
+            updown = torch.einsum("n m k l, i n, m j -> i j k l", mid, up.flatten(1), down.flatten(1))
+            shape += mid.shape[2:]
+        else:
+            if down.dim() == 4:
+                shape += down.shape[2:]
+            updown = (up.flatten(1) @ down.flatten(1)).reshape(shape)
+        return self.finalize_updown(updown, orig_weight, shape)
 
 
 class NetworkModuleDense(NetworkModuleLora):
-    """A LoHa/LoKr-like module: no factors the glue can route, only calc_updown and the generic forward."""
+    """A module with no factors the glue knows (OFT, GLoRA…): only calc_updown and the generic forward."""
 
     def __init__(self, net, layer, lora):
         super().__init__(net, layer, lora)
-        del self.up_model, self.down_model, self.mid_model
+        self.up_model = self.down_model = self.mid_model = None
+        self._mine = (lora.up, lora.down, lora.mid)
+
+    def calc_updown(self, orig_weight):
+        self.up_model, self.down_model = SimpleNamespace(weight=self._mine[0]), SimpleNamespace(
+            weight=self._mine[1] if isinstance(self.layer, nn.Conv2d) or self._mine[1].dim() == 2
+            else self._mine[1].flatten(1))
+        self.mid_model = None if self._mine[2] is None else SimpleNamespace(weight=self._mine[2])
+        try:
+            return super().calc_updown(orig_weight)
+        finally:
+            self.up_model = self.down_model = self.mid_model = None
+
+    def forward(self, x, y):
+        return NetworkModule.forward(self, x, y)
+
+
+class NetworkModuleHada(NetworkModule):
+    """network_hada: (w1a·w1b) ⊙ (w2a·w2b), Tucker t1/t2 through make_weight_cp."""
+
+    def __init__(self, net, layer, w):
+        super().__init__(net, layer, w)
+        self.w1a, self.w1b, self.w2a, self.w2b = w["hada_w1_a"], w["hada_w1_b"], w["hada_w2_a"], w["hada_w2_b"]
+        self.t1, self.t2 = w.get("hada_t1"), w.get("hada_t2")
+        self.dim = self.w1b.shape[0]
+
+    def calc_updown(self, orig_weight):
+        shape = [self.w1a.size(0), self.w1b.size(1)]
+        if self.t1 is not None:
+            shape = [self.w1a.size(1), self.w1b.size(1), *self.t1.shape[2:]]
+            up1 = _cp(self.t1, self.w1a, self.w1b)
+        else:
+            if self.w1b.dim() == 4:
+                shape += self.w1b.shape[2:]
+            up1 = (self.w1a.flatten(1) @ self.w1b.flatten(1)).reshape(shape)
+        up2 = _cp(self.t2, self.w2a, self.w2b) if self.t2 is not None else \
+            (self.w2a.flatten(1) @ self.w2b.flatten(1)).reshape(shape)
+        return self.finalize_updown(up1 * up2, orig_weight, shape)
+
+
+class NetworkModuleLokr(NetworkModule):
+    """network_lokr: kron(w1, w2) with either factor low-rank (w2 possibly Tucker), alpha/dim of the last factor."""
+
+    def __init__(self, net, layer, w):
+        super().__init__(net, layer, w)
+        self.w1, self.w1a, self.w1b = w.get("lokr_w1"), w.get("lokr_w1_a"), w.get("lokr_w1_b")
+        self.dim = self.w1b.shape[0] if self.w1b is not None else self.dim
+        self.w2, self.w2a, self.w2b = w.get("lokr_w2"), w.get("lokr_w2_a"), w.get("lokr_w2_b")
+        self.dim = self.w2b.shape[0] if self.w2b is not None else self.dim
+        self.t2 = w.get("lokr_t2")
+
+    def calc_updown(self, orig_weight):
+        w1 = self.w1 if self.w1 is not None else self.w1a @ self.w1b
+        if self.w2 is not None:
+            w2 = self.w2
+        elif self.t2 is None:
+            w2 = self.w2a @ self.w2b
+        else:
+            w2 = _cp(self.t2, self.w2a, self.w2b)
+        shape = orig_weight.shape if orig_weight.dim() == 4 else [w1.size(0) * w2.size(0), w1.size(1) * w2.size(1)]
+        if w2.dim() == 4:
+            w1 = w1[:, :, None, None]
+        return self.finalize_updown(torch.kron(w1, w2.contiguous()).reshape(shape), orig_weight, shape)
+
+
+class NetworkModuleIa3(NetworkModule):
+    """network_ia3: ΔW = W·w on output rows (or input columns when on_input)."""
+
+    def __init__(self, net, layer, w):
+        super().__init__(net, layer, w)
+        self.w, self.on_input = w["weight"], w["on_input"].item()
+
+    def calc_updown(self, orig_weight):
+        w = self.w
+        shape = [w.size(0), orig_weight.size(1)]
+        if self.on_input:
+            shape.reverse()
+        else:
+            w = w.reshape(-1, 1)
+        return self.finalize_updown(orig_weight * w, orig_weight, shape)
+
+
+class NetworkModuleFull(NetworkModule):
+    """network_full: the diff itself, and diff_b as the bias delta."""
+
+    def __init__(self, net, layer, w):
+        super().__init__(net, layer, w)
+        self.weight, self.ex_bias = w["diff"], w.get("diff_b")
+
+    def calc_updown(self, orig_weight):
+        return self.finalize_updown(self.weight, orig_weight, self.weight.shape, self.ex_bias)
+
+
+class NetworkModuleNorm(NetworkModule):
+    """network_norm: w_norm/b_norm as the norm's weight and bias deltas."""
+
+    def __init__(self, net, layer, w):
+        super().__init__(net, layer, w)
+        self.w_norm, self.b_norm = w["w_norm"], w.get("b_norm")
+
+    def calc_updown(self, orig_weight):
+        return self.finalize_updown(self.w_norm, orig_weight, self.w_norm.shape, self.b_norm)
+
+
+MODULE_TYPES = {"hada": NetworkModuleHada, "lokr": NetworkModuleLokr, "ia3": NetworkModuleIa3,
+                "full": NetworkModuleFull, "norm": NetworkModuleNorm}
 
 
 class Network:
+    """modules_by_layer: {layer name: LowRank} (LoRA modules), or {layer name: (type, weights dict)} for the other
+    module types, the weights keyed as in the file (hada_w1_a, lokr_w1, dora_scale, alpha…)."""
+
     def __init__(self, name, modules_by_layer, sd_model, unet_multiplier=1.0, dense=False):
         self.name = self.mentioned_name = name
         self.te_multiplier, self.unet_multiplier, self.dyn_dim = 1.0, unet_multiplier, None
-        cls = NetworkModuleDense if dense else NetworkModuleLora
-        self.modules = {key(name_): cls(self, sd_model.model.diffusion_model.get_submodule(name_), lora)
-                        for name_, lora in modules_by_layer.items()}
+        self.modules = {}
+        for layer_name, spec in modules_by_layer.items():
+            layer = sd_model.model.diffusion_model.get_submodule(layer_name)
+            if isinstance(spec, LowRank):
+                nm = (NetworkModuleDense if dense else NetworkModuleLora)(self, layer, spec)
+            elif spec[0] == "lora":
+                w = spec[1]
+                nm = NetworkModuleLora(self, layer, w["lora"], w.get("dora_scale"))
+            else:
+                nm = MODULE_TYPES[spec[0]](self, layer, spec[1])
+            self.modules[key(layer_name)] = nm
 
 
 def key(module_name):
@@ -233,6 +411,6 @@ def make_sd_model(unet: TinyUNet, networks_module: NetworksModule):
 
     for k, m in sd_model.network_layer_mapping.items():
         m.network_layer_name = k
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
+        if isinstance(m, (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm)):
             m.register_forward_hook(host_lora)
     return sd_model

@@ -79,30 +79,88 @@ class KModel(nn.Module):
         return input_shape[0] * input_shape[2] * input_shape[3] * 16384
 
 
+def _cp(t, wa, wb):
+    return torch.einsum("i j k l, j r, i p -> p r k l", t, wb, wa)
+
+
+def _decompose(dora_scale, weight, diff, alpha, strength):
+    """weight_decompose: magnitude over the output rows of W, or over the input columns of W + ΔW."""
+    diff = diff * alpha
+    calc = weight + diff
+    if dora_scale.shape[0] == calc.shape[0]:
+        norm = weight.reshape(weight.shape[0], -1).norm(dim=1, keepdim=True).reshape(
+            weight.shape[0], *[1] * (weight.dim() - 1))
+    else:
+        norm = calc.transpose(0, 1).reshape(calc.shape[1], -1).norm(dim=1, keepdim=True).reshape(
+            calc.shape[1], *[1] * (calc.dim() - 1)).transpose(0, 1)
+    calc = calc * (dora_scale / (norm + torch.finfo(weight.dtype).eps))
+    if strength != 1.0:
+        weight += strength * (calc - weight)
+    else:
+        weight[:] = calc
+    return weight
+
+
 def merge(patches, weight, key="", computation_dtype=torch.float32):
-    """backend/patcher/lora.py merge_lora_to_weight for 'lora' (alpha/rank, Tucker mid) and 'diff' entries."""
+    """backend/patcher/lora.py merge_lora_to_weight (reForge's weight_adapter computes the same): 'diff', 'set',
+    'lora' (alpha/rank, Tucker mid, DoRA), 'loha' (Tucker t1/t2), 'lokr' (factored w1/w2, Tucker t2)."""
     weight = weight.clone().float()
     full = weight
     for strength, v, strength_model, offset, _function in (tuple(p)[:5] for p in patches):
         weight = full if offset is None else full.narrow(offset[0], offset[1], offset[2])
         if strength_model != 1.0:
             weight *= strength_model
-        if getattr(v, "name", None) == "lora":  # reForge adapter object
-            v = ("lora", v.weights)
+        if isinstance(getattr(v, "name", None), str):  # reForge adapter object
+            v = (v.name, v.weights)
         kind, v = ("diff", v) if len(v) == 1 else v
         if kind == "diff":
             weight += strength * v[0]
+        elif kind == "set":
+            weight.copy_(v[0])
         elif kind == "lora":
-            up, down, alpha, mid = v[0].float(), v[1].float(), v[2], v[3]
+            up, down, alpha, mid, dora = v[0].float(), v[1].float(), v[2], v[3], v[4]
             scale = alpha / down.shape[0] if alpha is not None else 1.0
             if mid is not None:
                 final = [down.shape[1], down.shape[0], mid.shape[2], mid.shape[3]]
                 down = torch.mm(down.transpose(0, 1).flatten(1), mid.transpose(0, 1).flatten(1)).reshape(
                     final).transpose(0, 1)
             diff = torch.mm(up.flatten(1), down.flatten(1)).reshape(weight.shape)
-            weight += strength * scale * diff
+            if dora is not None:
+                weight = _decompose(dora.float(), weight, diff, scale, strength)
+            else:
+                weight += strength * scale * diff
+        elif kind == "loha":
+            w1a, w1b, alpha, w2a, w2b, t1, t2, dora = v[:8]
+            scale = alpha / w1b.shape[0] if alpha is not None else 1.0
+            if t1 is not None:
+                m1, m2 = _cp(t1, w1a, w1b), _cp(t2, w2a, w2b)
+            else:
+                m1, m2 = w1a @ w1b, w2a @ w2b
+            diff = (m1 * m2).reshape(weight.shape)
+            if dora is not None:
+                weight = _decompose(dora.float(), weight, diff, scale, strength)
+            else:
+                weight += strength * scale * diff
+        elif kind == "lokr":
+            w1, w2, alpha, w1a, w1b, w2a, w2b, t2, dora = v[:9]
+            dim = None
+            if w1 is None:
+                dim, w1 = w1b.shape[0], w1a @ w1b
+            if w2 is None:
+                dim = w2b.shape[0]
+                w2 = w2a @ w2b if t2 is None else _cp(t2, w2a, w2b)
+            if w2.dim() == 4:
+                w1 = w1[:, :, None, None]
+            scale = alpha / dim if alpha is not None and dim is not None else 1.0
+            diff = torch.kron(w1, w2).reshape(weight.shape)
+            if dora is not None:
+                weight = _decompose(dora.float(), weight, diff, scale, strength)
+            else:
+                weight += strength * scale * diff
         else:
             raise ValueError(kind)
+        if offset is None:
+            full = weight
     return full
 
 
@@ -220,6 +278,16 @@ class ReforgeUnetPatcher(UnetPatcher):
         self.patches_uuid = uuid.uuid4()
 
     @torch.no_grad()
+    def patch_weight_to_device(self, key, device_to=None, inplace_update=False):
+        """model_patcher.patch_weight_to_device: back the weight up (once), then merge its patches into it."""
+        if key not in self.patches:
+            return
+        params = dict(self.model.named_parameters())
+        if key not in self.backup:
+            self.backup[key] = SimpleNamespace(weight=params[key].detach().clone(), inplace_update=False)
+        params[key].data.copy_(merge(self.patches[key], params[key].data, key))
+
+    @torch.no_grad()
     def refresh_loras(self):
         """patch_model: re-patch only when the model's merged uuid differs from ours."""
         if getattr(self.model, "current_weight_patches_uuid", None) == self.patches_uuid:
@@ -249,8 +317,18 @@ def lora_patch(lora, reforge=False):
     return ("lora", (lora.up, lora.down, lora.alpha, lora.mid, None))
 
 
+@dataclass
+class FilePatches:
+    """A file's patches as each host's loader builds them (tests/formats.py), for make_host in place of LowRanks."""
+
+    forge: dict
+    reforge: dict
+
+
 def file_patches(loras, reforge=False):
     """{parameter key: patch} of one LoRA file mapped onto KModel keys."""
+    if isinstance(loras, FilePatches):
+        return loras.reforge if reforge else loras.forge
     return {f"diffusion_model.{name}.weight": lora_patch(lo, reforge) for name, lo in loras.items()}
 
 

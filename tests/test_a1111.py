@@ -22,13 +22,14 @@ ON = Settings(enabled=True, patch_size=4, temperature=0.05)
 class Host:
     """One fake WebUI: UNet with host-merged LoRA layers, two networks, callbacks registered like the script does."""
 
-    def __init__(self, dense=False):
+    def __init__(self, dense=False, specs=None):
+        """specs: per network, {layer: LowRank} or {layer: (module type, weights)} (default: two kohya LoRAs)."""
         self.unet = make_unet()
         self.loras = [make_lora(self.unet, seed=1), make_lora(self.unet, seed=2)]
         self.networks_module = fake.NetworksModule()
         self.sd_model = fake.make_sd_model(self.unet, self.networks_module)
-        self.networks = [fake.Network(n, lo, self.sd_model, dense=dense) for n, lo in zip("ab", self.loras,
-                                                                                         strict=True)]
+        self.networks = [fake.Network(n, lo, self.sd_model, dense=dense)
+                         for n, lo in zip("ab", specs(self.unet) if specs else self.loras, strict=True)]
         self.networks_module.loaded_networks[:] = self.networks
         self.opts = fake.Opts()
         self.callbacks = fake.Callbacks([a1111.on_cfg_denoiser], [a1111.on_cfg_denoised])

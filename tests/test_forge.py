@@ -27,8 +27,8 @@ def loras():
 class Host:
     """One fake Forge (or reForge) with two LoRAs merged by the host, and the glue's arguments."""
 
-    def __init__(self, reforge=False, multipliers=None):
-        self.loras = loras()
+    def __init__(self, reforge=False, multipliers=None, files=None):
+        self.loras = files or loras()
         self.reforge = reforge
         self.sd_model, self.networks = fake.make_host(self.loras, reforge, multipliers)
         self.after = self.sd_model.forge_objects_after_applying_lora.unet
@@ -362,13 +362,13 @@ def test_declines_clearly():
     host.reset()
     assert host.install() is None and "needs 2 or more LoRAs" in host.warnings[-1]
     host = Host()
-    host.after.model.diffusion_model.norm = torch.nn.GroupNorm(2, 8)
+    host.after.model.diffusion_model.emb = torch.nn.Embedding(3, 8)
     patches = dict(host.after.lora_patches)
     key = next(iter(patches))
-    patches[key] = {**patches[key], "diffusion_model.norm.weight": [[1.0, (torch.ones(8),), 1.0, None, None]]}
+    patches[key] = {**patches[key], "diffusion_model.emb.weight": [[1.0, (torch.ones(3, 8),), 1.0, None, None]]}
     host.after.lora_patches = patches
     host.reset()
-    assert host.install() is None and "GroupNorm" in host.warnings[-1]
+    assert host.install() is None and "Embedding" in host.warnings[-1]
     assert host.sd_model.forge_objects.unet is host.after  # nothing was assigned
 
 

@@ -53,7 +53,7 @@ def test_install_failure_is_reported_and_nothing_is_assigned(forge_env, monkeypa
     p.extra_generation_params = {}
     env.host.reset()
     env.script.process(p, args)
-    monkeypatch.setattr(forge, "source_adapters", lambda *a: 1 / 0)
+    monkeypatch.setattr(forge, "all_at_once", lambda *a: 1 / 0)
     env.script.process_before_every_sampling(p, args)
     assert env.reports and "could not start" in p.extra_generation_params["LoRAtorio warning"]
     assert p.sd_model.forge_objects.unet is env.host.after
@@ -61,6 +61,20 @@ def test_install_failure_is_reported_and_nothing_is_assigned(forge_env, monkeypa
     x, c, u = latent(), prompt(), prompt(seed=8)
     env.host.reset()
     assert torch.isfinite(sample(env.host, x, [c], u)).all()
+
+
+def test_unreadable_lora_is_a_clear_warning_and_nothing_is_assigned(forge_env, monkeypatch):
+    """A file the glue cannot read is declined inside install(), with its cause, before the host is touched."""
+    env, args = forge_env, {"enabled": True}
+    p = env.host.p
+    p.extra_generation_params = {}
+    env.host.reset()
+    env.script.process(p, args)
+    monkeypatch.setattr(forge, "source_adapters", lambda *a: 1 / 0)
+    env.script.process_before_every_sampling(p, args)
+    warning = p.extra_generation_params["LoRAtorio warning"]
+    assert not env.reports and "division by zero" in warning and "sampled normally" in warning
+    assert p.sd_model.forge_objects.unet is env.host.after
 
 
 def test_bad_api_value_fails_the_sampling_call_and_is_undone(forge_env):

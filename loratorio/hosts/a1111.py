@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -26,12 +27,19 @@ from loratorio.core import (
     Callback,
     Composer,
     Dense,
+    LoHa,
+    LoKr,
     LowRank,
+    Materialized,
     MultiAdapter,
+    NormDelta,
+    Rescaled,
     Settings,
     in_window,
+    merged_weight,
     tree_map,
 )
+from loratorio.hosts.checks import dry_run, inject_fault
 from loratorio.maps import accumulate
 
 log = logging.getLogger(__name__)
@@ -44,24 +52,76 @@ class Declined(Exception):
 
 
 def module_adapter(nm: Any, layer: nn.Module) -> Adapter:
-    """One host NetworkModule as an adapter: its low-rank factors where it has them, else its ΔW, else its forward."""
-    plain_lora = (getattr(nm, "up_model", None) is not None and getattr(nm, "down_model", None) is not None
-                  and getattr(nm.network, "dyn_dim", None) is None and getattr(nm, "dora_scale", None) is None
-                  and getattr(nm, "bias", None) is None)
-    if plain_lora and isinstance(layer, (nn.Linear, nn.Conv2d)):
+    """One host NetworkModule as an adapter applied from its factors, by the formulas of the host's network_*.py.
+
+    The scale is the module's calc_scale() (alpha/dim) and the strength its multiplier(), as finalize_updown applies
+    them; DoRA's magnitude goes through apply_weight_decompose's formula. What has no native kind here (OFT, GLoRA,
+    a `bias` entry, dyn_dim) is rebuilt by the module's own calc_updown while the layer runs.
+    """
+    if isinstance(layer, (nn.GroupNorm, nn.LayerNorm)):
+        if getattr(nm, "w_norm", None) is not None:
+            return NormDelta(nm.w_norm, getattr(nm, "b_norm", None), nm.multiplier(), nm.calc_scale())
+        return Callback(nm.forward)
+    if not isinstance(layer, (nn.Linear, nn.Conv2d)):
+        return Callback(nm.forward)  # MultiheadAttention and the like: the module's own delta forward, y + f(x)
+    scale, strength = nm.calc_scale(), nm.multiplier()
+    kind = type(nm).__name__
+    plain = getattr(nm, "bias", None) is None and getattr(nm.network, "dyn_dim", None) is None
+    inner: Adapter | None = None
+    if plain and kind == "NetworkModuleIa3" and isinstance(layer, nn.Linear):
+        # network_ia3: ΔW = W·w (rows, or columns when on_input) · scale · multiplier.
+        vec = 1 + nm.w.flatten().float() * scale
+        return Rescaled(None, None if nm.on_input else vec, vec if nm.on_input else None, strength)
+    if plain and kind == "NetworkModuleFull":
+        return Dense(nm.weight, getattr(nm, "ex_bias", None), strength, scale)
+    if plain and getattr(nm, "up_model", None) is not None and getattr(nm, "down_model", None) is not None:
         mid = nm.mid_model.weight if getattr(nm, "mid_model", None) is not None else None
-        # The host's scale is multiplier · calc_scale(); LowRank with alpha=None multiplies by exactly that.
-        return LowRank(nm.down_model.weight.detach(), nm.up_model.weight.detach(), None,
-                       None if mid is None else mid.detach(), nm.multiplier() * nm.calc_scale())
-    if isinstance(layer, (nn.Linear, nn.Conv2d)):
-        # LoHa, LoKr, full, DoRA…: ΔW once per generation, against the base weight (the backup if merged now).
-        weight = getattr(layer, "network_weights_backup", None)
-        weight = layer.weight if weight is None or isinstance(weight, tuple) else weight
-        with torch.no_grad():
-            updown, ex_bias = nm.calc_updown(weight.to(layer.weight.device))
-        return Dense(updown.detach(), None if ex_bias is None else ex_bias.detach())
-    # Norm layers and anything else: the module's own delta forward, y + f(x).
-    return Callback(nm.forward)
+        # LowRank with alpha=None multiplies by exactly its multiplier: here the host's scale (· strength below).
+        inner = LowRank(nm.down_model.weight.detach(), nm.up_model.weight.detach(), None,
+                        None if mid is None else mid.detach(), scale)
+    elif plain and kind == "NetworkModuleHada":
+        inner = LoHa(nm.w1a, nm.w1b, nm.w2a, nm.w2b, scale, nm.t1, nm.t2)
+    elif plain and kind == "NetworkModuleLokr":
+        inner = LoKr(nm.w1, nm.w2, nm.w1a, nm.w1b, nm.w2a, nm.w2b, nm.t2, scale)
+    if inner is None:
+        return Materialized(partial(_host_updown, nm, layer))
+    dora = getattr(nm, "dora_scale", None)
+    if dora is None:
+        if isinstance(inner, LowRank):
+            inner.multiplier = scale * strength
+        else:
+            inner.multiplier = strength
+        return inner
+    return Rescaled(inner, *a1111_dora(dora, _base_weight(layer), merged_weight(layer, inner)), strength)
+
+
+def _base_weight(layer: nn.Module) -> Tensor:
+    """The layer's unmerged weight: the host's backup while LoRAs are merged in, else the weight itself."""
+    weight = getattr(layer, "network_weights_backup", None)
+    return layer.weight if weight is None or isinstance(weight, tuple) else weight
+
+
+def _host_updown(nm: Any, layer: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """The module's ΔW and Δbias by its own calc_updown against the base weight (multiplier included)."""
+    with torch.no_grad():
+        weight = _base_weight(layer)
+        return nm.calc_updown(weight.to(layer.weight.device))
+
+
+def a1111_dora(magnitude: Tensor, weight: Tensor, delta: Tensor) -> tuple[Tensor | None, Tensor]:
+    """(row, col) of apply_weight_decompose: W' = (W + ΔW)·m / |W + ΔW| with the norm over each input column.
+
+    The hosts' norm is always per column; a magnitude stored per output row (LyCORIS' wd_on_output, shape (out, 1…))
+    then broadcasts against it, so W'[o, i] = (W + ΔW)[o, i]·m[o]/n[i]: row = m, col = 1/n.
+    """
+    merged = weight.float() + delta.float()
+    norm = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1)
+    m = magnitude.float()
+    if m.dim() >= 2 and m.shape[0] == merged.shape[0] and m.shape[0] != 1 and m.shape[1] == 1:
+        return m.flatten(), 1 / norm
+    if m.shape[0] == 1 and m.numel() == merged.shape[1]:
+        return None, m.flatten() / norm
+    raise Declined(f"a DoRA magnitude of shape {tuple(m.shape)} fits neither axis of a {tuple(merged.shape)} weight")
 
 
 def unet_adapters(networks: list, sd_model: Any) -> list[dict[nn.Module, Adapter]]:
@@ -87,6 +147,10 @@ class StepRecord:
     sigma_in: Tensor | None = None
     step: int = 0
     preds: list[Tensor] = field(default_factory=list)
+    # (inner model, x, sigma, kwargs) of each call composed so far: what a failure later in the step re-runs plainly.
+    calls: list[tuple] = field(default_factory=list)
+    broken: bool = False  # a call of this step failed: its other calls' rows are re-run plainly in end_step
+    rows: int = 0  # rows of every model call of the step, composed or not (== cond rows when uncond was skipped)
 
 
 def cond_layout(x_in: Tensor, n_cond: int, n_images: int) -> BatchLayout:
@@ -209,46 +273,67 @@ class GenerationState:
     def model_call(self, inner: Any, x: Tensor, sigma: Tensor, kwargs: dict) -> Tensor:
         """One host model call: base + LoRAs on these rows, recorded; the host's plain call when not composing."""
         rec = self.record
+        rec.rows += x.shape[0]
         if rec.layout is None or self.failed is not None:
             return inner(x, sigma, **kwargs)
         try:
             # When A1111 skips the uncond rows it cuts x and sigma but not image_cond; the model reads only the
             # first len(x) rows of it, so cutting here keeps every tensor row-aligned for batching.
-            kwargs = tree_map(lambda t: t[: x.shape[0]] if t.dim() and t.shape[0] > x.shape[0] else t, kwargs)
+            cut = tree_map(lambda t: t[: x.shape[0]] if t.dim() and t.shape[0] > x.shape[0] else t, kwargs)
             with self.base_weights():
-                preds = self.composer.predict(lambda a: inner(a[0], a[1], **a[2]), (x, sigma, kwargs), rec.step)
+                preds = self.composer.predict(lambda a: inner(a[0], a[1], **a[2]), (x, sigma, cut), rec.step)
         except Exception as exc:  # noqa: BLE001 - host boundary: any failure means plain sampling, not a crash
             log.debug("LoRAtorio step failed", exc_info=True)
             self.fail(f"{type(exc).__name__}: {exc}")
+            rec.broken = True
+            # The host's own call, outside base_weights(): its layers merge its LoRAs again; our hooks have no
+            # routing now, so nothing of LoRAtorio runs in it.
             return inner(x, sigma, **kwargs)
         rec.preds.append(preds)
+        rec.calls.append((inner, x, sigma, kwargs))
         return preds[0]
 
     def end_step(self, x_out: Tensor) -> None:
-        """cfg_denoised callback: fuse the recorded predictions into the host's x_out, in place."""
+        """cfg_denoised callback: fuse the recorded predictions into the host's x_out, in place.
+
+        If composing failed at any point of the step, the rows our calls produced are re-run by the host's plain
+        call instead, so the step is the host's own.
+        """
         rec, self.record = self.record, StepRecord()
-        if rec.layout is None or self.failed is not None or not rec.preds:
+        if rec.layout is None or not rec.preds:
             return
-        try:
-            preds = torch.cat(rec.preds, dim=1)
-            rows = preds.shape[1]
-            layout = rec.layout
-            if rows == len(layout.cond_rows):  # the host skipped uncond (NGMS / skip early CFG)
-                layout = BatchLayout(layout.cond_rows)
-            x = sigma = None
-            if not self.eps_space:
-                x, sigma = rec.x_in[:rows], rec.sigma_in[:rows]
-            fused = self.composer.fuse(preds, layout, rec.step, x, sigma)
-            x_out[:rows] = fused
-            if rows < x_out.shape[0]:
-                # The host's stand-in uncond rows are copies of each image's first cond row: keep them so.
-                first = [layout.cond_rows[layout.uncond_of_cond.index(j)] if layout.uncond_rows else j
-                         for j in range(x_out.shape[0] - rows)]
-                x_out[rows:] = fused[first]
-            self.accumulate_maps(rec.layout)
-        except Exception as exc:  # noqa: BLE001 - host boundary
-            log.debug("LoRAtorio fusion failed", exc_info=True)
-            self.fail(f"{type(exc).__name__}: {exc}")
+        if self.failed is None and not rec.broken:
+            try:
+                self.fuse_into(x_out, rec)
+                return
+            except Exception as exc:  # noqa: BLE001 - host boundary
+                log.debug("LoRAtorio fusion failed", exc_info=True)
+                self.fail(f"{type(exc).__name__}: {exc}")
+        self.replay(x_out, rec)
+
+    def fuse_into(self, x_out: Tensor, rec: StepRecord) -> None:
+        """The step's fusion, written into x_out."""
+        preds = torch.cat(rec.preds, dim=1)
+        rows = preds.shape[1]
+        layout = rec.layout
+        if rows == len(layout.cond_rows):  # the host skipped uncond (NGMS / skip early CFG)
+            layout = BatchLayout(layout.cond_rows)
+        x = sigma = None
+        if not self.eps_space:
+            x, sigma = rec.x_in[:rows], rec.sigma_in[:rows]
+        fused = self.composer.fuse(preds, layout, rec.step, x, sigma)
+        x_out[:rows] = fused
+        _fill_standins(x_out, rows, layout)
+        self.accumulate_maps(rec.layout)
+
+    def replay(self, x_out: Tensor, rec: StepRecord) -> None:
+        """The host's plain calls for the rows our composed calls produced (A1111 fills x_out in call order)."""
+        start = 0
+        for inner, x, sigma, kwargs in rec.calls:
+            x_out[start:start + x.shape[0]] = inner(x, sigma, **kwargs)
+            start += x.shape[0]
+        if rec.rows == len(rec.layout.cond_rows):  # the host skipped uncond: its stand-ins copy the cond rows
+            _fill_standins(x_out, rec.rows, BatchLayout(rec.layout.cond_rows))
 
     def accumulate_maps(self, layout: BatchLayout) -> None:
         """Running mean of each image's weight map (its first cond row), for the 'show maps' images."""
@@ -263,7 +348,15 @@ class GenerationState:
         if self.failed is None:
             self.failed = reason
             self.warn(f"LoRAtorio stopped: {reason}; the rest was sampled normally")
-        self.record = StepRecord()
+
+
+def _fill_standins(x_out: Tensor, rows: int, layout: BatchLayout) -> None:
+    """When the host skipped the uncond rows it appends stand-ins, copies of each image's first cond row: keep them
+    copies of what the cond rows now hold."""
+    if rows < x_out.shape[0]:
+        first = [layout.cond_rows[layout.uncond_of_cond.index(j)] if layout.uncond_rows else j
+                 for j in range(x_out.shape[0] - rows)]
+        x_out[rows:] = x_out[first]
 
 
 def uses_eps(denoiser: Any, base_cls: type) -> bool:
@@ -289,11 +382,17 @@ def install(p: Any, settings: Settings, *, sd_model: Any, networks_module: Any, 
         return None
     denoiser = p.sampler.model_wrap_cfg
     unet = sd_model.model.diffusion_model
-    tables = unet_adapters(networks, sd_model)
-    empty = [n.name for n, t in zip(networks, tables, strict=True) if not t]
-    if empty:
-        warn(f"LoRAtorio: {', '.join(empty)} change no UNet layer of this model; sampled normally")
+    names = [n.name for n in networks]
+    try:
+        tables = unet_adapters(networks, sd_model)
+        empty = [n for n, t in zip(names, tables, strict=True) if not t]
+        if empty:
+            raise Declined(f"{', '.join(empty)} change no UNet layer of this model")
+        dry_run(unet, tables, names)
+    except (Declined, ValueError) as exc:
+        warn(f"LoRAtorio: {exc}; sampled normally")
         return None
+    tables = inject_fault(tables, names)
     batched = settings.evaluation == "batched" or (settings.evaluation == "auto" and not unet_is_wrapped(unet))
     router = MultiAdapter(unet, tables)
     state = GenerationState(settings, networks_module, router, Composer(router, settings, batched=batched),

@@ -21,13 +21,31 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from loratorio.core import Adapter, BatchLayout, Callback, Composer, Dense, LowRank, MultiAdapter, Settings, in_window
+from loratorio.core import (
+    Adapter,
+    BatchLayout,
+    Bias,
+    Callback,
+    Chain,
+    Composer,
+    Dense,
+    LoHa,
+    LoKr,
+    LowRank,
+    Materialized,
+    MultiAdapter,
+    NormDelta,
+    Rescaled,
+    Settings,
+    in_window,
+    merged_weight,
+)
+from loratorio.hosts.checks import dry_run, inject_fault
 from loratorio.maps import accumulate
 
 log = logging.getLogger(__name__)
@@ -61,6 +79,10 @@ class Backend:
     kind: str
     merge: Callable[[list, Tensor, str], Tensor]  # the host's "apply these patch entries to this weight"
     load_file: Callable[[str, float], dict] | None = None  # reForge: one file's patches at a multiplier
+
+    def remerge(self, unet: Any, token: _Token) -> None:
+        """Give our clone back the host's LoRA patches and let the host merge them into the weights now."""
+        (forge_remerge if self.kind == "forge" else reforge_remerge)(unet, token)
 
 
 def forge_backend() -> Backend:
@@ -113,6 +135,21 @@ class _Token:
             unet.lora_patches = self.lora_patches
         if self.patches is not None:
             unet.patches, unet.patches_uuid = {k: v[:] for k, v in self.patches.items()}, self.patches_uuid
+
+
+def forge_remerge(unet: Any, token: _Token) -> None:
+    """Forge: the shared LoraLoader re-merges when the patch keys differ from the ones it merged last (ours: none)."""
+    unet.lora_patches = token.lora_patches
+    unet.refresh_loras()
+
+
+def reforge_remerge(unet: Any, token: _Token) -> None:
+    """reForge: patch_weight_to_device merges each patched key where its weight lives (backing it up as load() does);
+    the model is then marked as patched with the host's uuid, so the host's next load sees it as its own."""
+    unet.patches, unet.patches_uuid = {k: v[:] for k, v in token.patches.items()}, token.patches_uuid
+    for key in unet.patches:
+        unet.patch_weight_to_device(key)
+    unet.model.current_weight_patches_uuid = unet.patches_uuid
 
 
 def strip(unet: Any, kind: str) -> None:
@@ -173,18 +210,29 @@ def low_rank(entries: list) -> list[tuple[LowRank, tuple | None]] | None:
         strength, v, strength_model, offset, function = tuple(entry)[:5]
         if strength_model != 1.0 or function is not None or (offset is not None and offset[0] != 0):
             return None
-        if isinstance(v, tuple) and len(v) == 2 and v[0] == "lora":
-            weights = v[1]
-        elif getattr(v, "name", None) == "lora" and hasattr(v, "weights"):  # reForge's weight_adapter.LoRAAdapter
-            weights = v.weights
-        else:
+        patch = patch_value(v)
+        if patch is None or patch[0] != "lora":
             return None
-        up, down, alpha, mid, dora = weights[:5]
-        if dora is not None or (len(weights) > 5 and weights[5] is not None):
+        up, down, alpha, mid, dora = patch[1][:5]
+        if dora is not None or (len(patch[1]) > 5 and patch[1][5] is not None):
             return None
         alpha = None if alpha is None else float(alpha)
         parts.append((LowRank(down, up, alpha, mid, float(strength)), None if offset is None else tuple(offset)))
     return parts or None
+
+
+def patch_value(v: Any) -> tuple[str, tuple] | None:
+    """A patch as (type, weights): Forge's ("lora", (...)) tuples, a bare (diff,), reForge's weight_adapter objects."""
+    if isinstance(v, tuple):
+        if len(v) == 1:
+            return "diff", v
+        if len(v) == 2 and isinstance(v[0], str):
+            return v[0], tuple(v[1])
+        return None
+    name, weights = getattr(v, "name", None), getattr(v, "weights", None)
+    if isinstance(name, str) and weights is not None:  # reForge's LoRAAdapter, LoHaAdapter, LoKrAdapter…
+        return name, tuple(weights)
+    return None  # a nested list (merge these first) or a type we do not know: the host's formula, per run
 
 
 def _sliced(layer: nn.Module | None, parts: list[tuple[LowRank, tuple | None]], x: Tensor, y: Tensor) -> Tensor:
@@ -197,12 +245,18 @@ def _sliced(layer: nn.Module | None, parts: list[tuple[LowRank, tuple | None]], 
 
 
 class TensorHolder(nn.Module):
-    """The LoRA tensors as one module, so the host's memory manager can count and move them."""
+    """The LoRA tensors as one module, so the host's memory manager can count and move them.
+
+    A tensor is recognised by id() only while it is alive, so the holder keeps the tensor itself next to its
+    parameter: a temporary's id is reused by the next temporary, and an id-only map handed a freed layer's tensor to
+    the next layer (the Forge failure "mat1 and mat2 shapes cannot be multiplied (2x320 and 768x1280)", where
+    time_embed.0 got an attn2.to_k delta; layers of equal shapes got wrong deltas silently).
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.tensors = nn.ParameterList()
-        self._seen: dict[int, nn.Parameter] = {}
+        self._seen: dict[int, tuple[Tensor, nn.Parameter]] = {}
 
     def keep(self, t: Tensor | None) -> Tensor | None:
         if t is None:
@@ -210,51 +264,147 @@ class TensorHolder(nn.Module):
         if id(t) not in self._seen:
             param = nn.Parameter(t.detach(), requires_grad=False)
             self.tensors.append(param)
-            self._seen[id(t)] = param
-        return self._seen[id(t)]
+            self._seen[id(t)] = (t, param)
+        return self._seen[id(t)][1]
 
 
 def _is_quantized(w: Tensor) -> bool:
     return hasattr(w, "bnb_quantized") or getattr(w, "gguf_cls", None) is not None
 
 
+_NORMS = (nn.GroupNorm, nn.LayerNorm)
+
+
+def weight_kind(layer: nn.Module, entry: Any, base: Callable[[], Tensor], holder: TensorHolder) -> Adapter | None:
+    """One patch entry on a layer's weight as an adapter kind, by merge_lora_to_weight's formulas (Forge
+    backend/patcher/lora.py; reForge weight_adapter/*.py compute the same); None where there is no native kind."""
+    strength, v, strength_model, offset, function = tuple(entry)[:5]
+    patch = patch_value(v)
+    if strength_model != 1.0 or function is not None or offset is not None or patch is None:
+        return None
+    kind, w = patch
+    keep = holder.keep
+    if kind == "diff":
+        if tuple(w[0].shape) != tuple(layer.weight.shape):
+            return None  # the host pads a channel-changing diff: its own formula
+        return Dense(keep(w[0]), None, float(strength))
+    if kind == "lora":
+        up, down, alpha, mid, dora = w[:5]
+        if len(w) > 5 and w[5] is not None:
+            return None  # reForge's reshape_weight
+        inner: Adapter = LowRank(keep(down), keep(up), None, keep(mid), _ratio(alpha, down.shape[0]))
+    elif kind == "loha":
+        w1a, w1b, alpha, w2a, w2b, t1, t2, dora = w[:8]
+        inner = LoHa(keep(w1a), keep(w1b), keep(w2a), keep(w2b), _ratio(alpha, w1b.shape[0]), keep(t1), keep(t2))
+    elif kind == "lokr":
+        w1, w2, alpha, w1a, w1b, w2a, w2b, t2, dora = w[:9]
+        # The host's alpha/dim uses the rank of the decomposed factor, w2's over w1's, and 1 when neither is.
+        dim = w2b.shape[0] if w2 is None else w1b.shape[0] if w1 is None else None
+        inner = LoKr(keep(w1), keep(w2), keep(w1a), keep(w1b), keep(w2a), keep(w2b), keep(t2),
+                     1.0 if dim is None else _ratio(alpha, dim))
+    else:
+        return None
+    if dora is None:
+        inner.multiplier = inner.multiplier * float(strength) if isinstance(inner, LowRank) else float(strength)
+        return inner
+    weight = base()
+    if _is_quantized(weight):
+        raise Declined("a DoRA file on quantized weights needs a float weight")
+    row, col = forge_dora(dora, weight, merged_weight(layer, inner))
+    return Rescaled(inner, keep(row), keep(col), float(strength))
+
+
+def _ratio(alpha: Any, rank: int) -> float:
+    return 1.0 if alpha is None else float(alpha) / rank
+
+
+def forge_dora(magnitude: Tensor, weight: Tensor, delta: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """(row, col) of weight_decompose: W' = (W + ΔW)·m / (|·| + eps); a magnitude with one entry per output row is
+    divided by the norms of W's rows, otherwise by the norms of (W + ΔW)'s input columns."""
+    w = weight.float()
+    m = magnitude.float()
+    eps = torch.finfo(torch.float32).eps
+    if m.shape[0] == w.shape[0]:
+        return m.flatten() / (w.reshape(w.shape[0], -1).norm(dim=1) + eps), None
+    merged = w + delta.float()
+    return None, m.flatten() / (merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1) + eps)
+
+
 def module_adapter(kmodel: nn.Module, name: str, parts: dict[str, list], backend: Backend,
                    base_weight: Callable[[str], Tensor], holder: TensorHolder) -> Adapter:
-    """One file's patches on one UNet module: LowRank when plain, else a Dense ΔW computed once now."""
+    """One file's patches on one UNet module as an adapter applied from the file's factors.
+
+    LoRA/LoCon, LoHa, LoKr, DoRA, full/diff and norm diffs have native kinds; anything else (GLoRA, OFT, "set",
+    strength_model or a weight function) runs the host's own merge for that layer while it runs.
+    """
     layer = kmodel.get_submodule(name)
     # Forge's (and its bnb/GGUF variants') Linear is a plain nn.Module named Linear (backend/operations.py).
-    if not isinstance(layer, (nn.Conv2d, nn.Linear)) and type(layer).__name__ != "Linear":
-        raise Declined(f"a LoRA patches {name} ({type(layer).__name__}); only Linear and Conv2d layers can be routed")
+    linear = isinstance(layer, nn.Linear) or type(layer).__name__ == "Linear"
+    if not (linear or isinstance(layer, (nn.Conv2d, *_NORMS))):
+        raise Declined(f"a LoRA patches {name} ({type(layer).__name__}); only Linear, Conv2d and norm layers can "
+                       "be routed")
     entries = low_rank(parts["weight"]) if set(parts) == {"weight"} else None
-    if entries is not None:
+    if entries is not None and (len(entries) > 1 or entries[0][1] is not None):
         kept = [(LowRank(holder.keep(lr.down), holder.keep(lr.up), lr.alpha, holder.keep(lr.mid), lr.multiplier),
                  offset) for lr, offset in entries]
-        if len(kept) == 1 and kept[0][1] is None:
-            return _bound(kept[0][0], layer)
         return Callback(partial(_sliced, layer if isinstance(layer, nn.Conv2d) else None, kept))
-    deltas = {}
-    for param in ("weight", "bias"):
-        key = f"{name}.{param}"
-        w = base_weight(key) if param in parts else None
-        if w is None:
-            continue
-        if _is_quantized(w):
-            raise Declined(f"{key} is stored quantized; non-LoRA adapter types need a float weight")
-        with torch.no_grad():
-            w = w.detach().float()
-            deltas[param] = backend.merge(parts[param], w.clone(), key).float() - w
-    weight = deltas.get("weight")
-    if weight is None:
-        weight = torch.zeros_like(base_weight(f"{name}.weight"), dtype=torch.float32)
-    return _bound(Dense(holder.keep(weight), holder.keep(deltas.get("bias"))), layer)
+    kind = _native(layer, name, parts, base_weight, holder)
+    if kind is None:
+        kind = _materialized(name, parts, backend, base_weight)
+    return Callback(partial(kind.apply, layer))
 
 
-def _bound(adapter: LowRank | Dense, layer: nn.Module) -> Callback:
-    """Forge's Linear is a plain nn.Module (backend/operations.py), so adapters reach layers through a Callback."""
-    if isinstance(layer, nn.Conv2d):
-        return Callback(partial(adapter.apply, layer))
-    shape_of = SimpleNamespace(weight=adapter.delta_weight) if isinstance(adapter, Dense) else None
-    return Callback(partial(adapter.apply, shape_of))
+def _native(layer: nn.Module, name: str, parts: dict[str, list], base_weight: Callable[[str], Tensor],
+            holder: TensorHolder) -> Adapter | None:
+    """The file's entries on this layer's weight and bias as one native kind, or None."""
+    weights, biases = parts.get("weight", []), parts.get("bias", [])
+    if len(weights) > 1 or len(biases) > 1:
+        return None  # several patches of one file on one key merge in sequence: the host's formula
+    if isinstance(layer, _NORMS):
+        diffs = [(float(e[0]), patch_value(e[1])) for e in (*weights, *biases) if tuple(e)[2:5] == (1.0, None, None)]
+        if len(diffs) != len(weights) + len(biases) or any(p is None or p[0] != "diff" for _, p in diffs) or \
+                len({s for s, _ in diffs}) != 1:
+            return None
+        dw = holder.keep(patch_value(weights[0][1])[1][0]) if weights else None
+        db = holder.keep(patch_value(biases[0][1])[1][0]) if biases else None
+        return NormDelta(dw, db, diffs[0][0])
+    kinds = []
+    if weights:
+        kind = weight_kind(layer, weights[0], partial(base_weight, f"{name}.weight"), holder)
+        if kind is None:
+            return None
+        kinds.append(kind)
+    if biases:
+        strength, v, strength_model, offset, function = tuple(biases[0])[:5]
+        patch = patch_value(v)
+        if patch is None or patch[0] != "diff" or (strength_model, offset, function) != (1.0, None, None):
+            return None
+        kinds.append(Bias(holder.keep(patch[1][0]), float(strength)))
+    return kinds[0] if len(kinds) == 1 else Chain(tuple(kinds))
+
+
+def _materialized(name: str, parts: dict[str, list], backend: Backend,
+                  base_weight: Callable[[str], Tensor]) -> Materialized:
+    """The host's merge of this layer's entries, redone each time the layer runs (nothing full-size is kept)."""
+    for param in parts:
+        if _is_quantized(base_weight(f"{name}.{param}")):
+            raise Declined(f"{name}.{param} is stored quantized; this adapter type needs a float weight")
+
+    def delta() -> tuple[Tensor, Tensor | None]:
+        out = []
+        for param in ("weight", "bias"):
+            key = f"{name}.{param}"
+            w = base_weight(key) if param in parts else None
+            if w is None:
+                out.append(None)
+                continue
+            with torch.no_grad():
+                w = w.detach().float()
+                out.append(backend.merge(parts[param], w.clone(), key).float() - w)
+        weight = out[0] if out[0] is not None else torch.zeros_like(base_weight(f"{name}.weight"), dtype=torch.float32)
+        return weight, out[1]
+
+    return Materialized(delta)
 
 
 def source_adapters(kmodel: nn.Module, source: LoraSource, backend: Backend, base_weight: Callable[[str], Tensor],
@@ -316,6 +466,9 @@ class StepRecord:
     conds: list[Chunk] = field(default_factory=list)
     uncond: Chunk | None = None
     fused_uncond: Tensor | None = None
+    # (call, args) of each model call composed so far: what a failure later in the step re-runs plainly.
+    calls: list[tuple[Callable, dict]] = field(default_factory=list)
+    broken: bool = False  # a call of this step failed after others were composed
 
 
 @dataclass
@@ -335,9 +488,21 @@ class GenerationState:
     map_sum: Tensor | None = None
     map_steps: int = 0
     warn: Callable[[str], None] = log.warning
+    # Our UnetPatcher clone and what install() stripped from it, for the fallback's re-merge; and the host backend.
+    unet: Any = None
+    token: Any = None
+    backend: Backend | None = None
 
     def begin_step(self, cond: list, uncond: Any, cond_scale: float, model_options: dict) -> None:
         """Conditioning modifier: a new step; cond's strengths are what the host's CFG multiplies by."""
+        try:
+            self._begin_step(cond, uncond, cond_scale, model_options)
+        except Exception as exc:  # noqa: BLE001 - host boundary
+            log.debug("LoRAtorio step start failed", exc_info=True)
+            self.record = None
+            self.fail(f"{type(exc).__name__}: {exc}")
+
+    def _begin_step(self, cond: list, uncond: Any, cond_scale: float, model_options: dict) -> None:
         step, total = getattr(self.denoiser, "step", 0), getattr(self.denoiser, "total_steps", 0) or 0
         active = self.failed is None and not self.removed and in_window(
             step, total, self.settings.start, self.settings.end)
@@ -349,19 +514,23 @@ class GenerationState:
     def model_call(self, apply_model: Callable, args: dict, prev: Callable | None) -> Tensor:
         """model_function_wrapper: base + LoRAs on this call's chunks; cond chunks fused, uncond kept for CFG."""
         call = partial(_call_through, apply_model, prev)
-        if self.removed:
-            return call(args)
+        if self.removed or self.failed is not None:
+            return call(args)  # after a failure the host has its LoRAs merged again and none of our hooks run
         rec = self.record
-        if rec is None or not rec.active or self.failed is not None:
+        if rec is None or not rec.active:
             return self.merged(call, args)
         try:
-            return self.compose_call(call, args, rec)
+            out = self.compose_call(call, args, rec)
         except Exception as exc:  # noqa: BLE001 - host boundary: any failure means plain sampling, not a crash
             log.debug("LoRAtorio step failed", exc_info=True)
+            rec.broken = bool(rec.calls)
             self.fail(f"{type(exc).__name__}: {exc}")
-            return self.merged(call, args)
+            return call(args)
+        rec.calls.append((call, args))
+        return out
 
     def merged(self, call: Callable[[dict], Tensor], args: dict) -> Tensor:
+        """Every LoRA on every row (steps outside the composition window): what the host's merge computes."""
         with self.router.routed([self.all_label] * args["input"].shape[0]):
             return call(args)
 
@@ -420,9 +589,29 @@ class GenerationState:
             except Exception as exc:  # noqa: BLE001 - host boundary
                 log.debug("LoRAtorio fusion failed", exc_info=True)
                 self.fail(f"{type(exc).__name__}: {exc}")
+                rec.broken = True
+        if rec is not None and rec.broken:
+            args = self.replay(rec, args)
         if prev is not None:
             return prev(args)
         return args["input"] - default_cfg(args, 1.0 if rec is None else rec.edit_strength)
+
+    def replay(self, rec: StepRecord, args: dict) -> dict:
+        """After a failure mid-step, the chunks our calls produced re-run by the host's plain call (its LoRAs merged
+        again), so the step's CFG sees the host's own predictions: the uncond, and the cond of a single prompt."""
+        try:
+            conds, unconds = [], []
+            for call, call_args in rec.calls:
+                kinds = list(call_args["cond_or_uncond"])
+                for kind, chunk in zip(kinds, call(call_args).chunk(len(kinds)), strict=True):
+                    (conds if kind == 0 else unconds).append(chunk)
+            if len(unconds) == 1:
+                args = {**args, "uncond_denoised": unconds[0], "uncond": args["input"] - unconds[0]}
+            if len(conds) == 1 and rec.n_cond == 1:
+                args = {**args, "cond_denoised": conds[0], "cond": args["input"] - conds[0]}
+        except Exception:  # noqa: BLE001 - host boundary: keep the host's own values for this one step
+            log.warning("LoRAtorio: could not re-run the failed step's earlier chunks", exc_info=True)
+        return args
 
     def accumulate_maps(self) -> None:
         """Running mean of each image's weight map (first sub-prompt), for the 'show maps' images."""
@@ -432,10 +621,24 @@ class GenerationState:
         self.map_sum, self.map_steps = accumulate(self.map_sum, self.map_steps, w[:, :, 0].float().cpu())
 
     def fail(self, reason: str) -> None:
-        """Stop composing for the rest of this pass (every LoRA merged-equivalent), and say so once."""
-        if self.failed is None:
-            self.failed = reason
-            self.warn(f"LoRAtorio stopped: {reason}; the rest was sampled normally")
+        """Stop composing for the rest of this pass and hand it back to the host, and say so once.
+
+        The fallback uses nothing that may have failed: our hooks are removed and the host re-merges its own LoRA
+        patches into our clone's weights, so the rest samples exactly as without LoRAtorio.
+        """
+        if self.failed is not None:
+            return
+        self.failed = reason
+        self.router.remove()
+        try:
+            if self.unet is not None:
+                self.backend.remerge(self.unet, self.token)
+        except Exception as exc:  # noqa: BLE001 - host boundary
+            log.warning("LoRAtorio: the host could not re-merge its LoRAs", exc_info=True)
+            self.warn(f"LoRAtorio stopped: {reason}; the host could not merge its LoRAs again ({exc}), so the rest "
+                      "was sampled without them")
+            return
+        self.warn(f"LoRAtorio stopped: {reason}; the rest was sampled normally")
 
 
 def _pair(cond: Chunk, uncond: Chunk) -> Chunk:
@@ -513,16 +716,19 @@ def install(p: Any, settings: Settings, *, backend: Backend, networks_module: An
         return None
     holder = TensorHolder()
     base = base_weight_fn(unet, backend.kind)
+    names = [s.name for s in sources]
     try:
         tables = [source_adapters(unet.model, s, backend, base, holder) for s in sources]
-    except Declined as exc:
+        empty = [n for n, t in zip(names, tables, strict=True) if not t]
+        if empty:
+            raise Declined(f"{', '.join(empty)} change no UNet layer of this model")
+        # Before anything of the host changes: a file read wrongly fails here, and sampling is simply the host's.
+        dry_run(unet.model.diffusion_model, tables, names)
+    except Exception as exc:  # noqa: BLE001 - host boundary: an unreadable file means "sample normally", said why
+        log.debug("LoRAtorio could not read the LoRAs", exc_info=True)
         warn(f"LoRAtorio: {exc}; sampled normally")
         return None
-    empty = [s.name for s, t in zip(sources, tables, strict=True) if not t]
-    if empty:
-        warn(f"LoRAtorio: {', '.join(empty)} change no UNet layer of this model; sampled normally")
-        return None
-    return _patch(p, unet, settings, sources, tables, holder, backend, warn)
+    return _patch(p, unet, settings, sources, inject_fault(tables, names), holder, backend, warn)
 
 
 def _patch(p: Any, unet: Any, settings: Settings, sources: list[LoraSource], tables: list, holder: TensorHolder,
@@ -533,7 +739,7 @@ def _patch(p: Any, unet: Any, settings: Settings, sources: list[LoraSource], tab
     router = MultiAdapter(unet.model.diffusion_model, [*tables, all_at_once(tables)])
     composer = Composer(LoraView(router, len(tables)), settings, batched=batched)
     state = GenerationState(settings, router, composer, sources, p.sampler.model_wrap_cfg, len(tables), batched,
-                            warn=warn)
+                            warn=warn, unet=unet, backend=backend)
 
     # Plain closures: model_options is deep-copied by every later clone(), and functions copy as themselves.
     def modifier(model, x, sigma, uncond, cond, cond_scale, model_options, seed):
@@ -547,7 +753,7 @@ def _patch(p: Any, unet: Any, settings: Settings, sources: list[LoraSource], tab
         return state.finish_step(args, prev_cfg)
 
     patcher = unet.add_extra_torch_module_during_sampling(holder, cast_to_unet_dtype=False)
-    options[KEY] = _Token(unet, modifier, patcher)
+    options[KEY] = state.token = _Token(unet, modifier, patcher)
     strip(unet, backend.kind)
     unet.add_conditioning_modifier(modifier)
     unet.set_model_unet_function_wrapper(wrapper)
