@@ -3,7 +3,16 @@
 import pytest
 import torch
 
-from loratorio.core import Dense, LowRank, MultiAdapter, adapters_for_model, merged_weight, to_adapter, to_state_dict
+from loratorio.core import (
+    LoHa,
+    LoKr,
+    LowRank,
+    MultiAdapter,
+    adapters_for_model,
+    merged_weight,
+    to_adapter,
+    to_state_dict,
+)
 from loratorio.core.lora_file import group_keys
 
 
@@ -25,19 +34,30 @@ def test_peft_keys_and_missing_alpha():
     assert isinstance(a, LowRank) and a.scale == 1.0
 
 
-def test_loha_dense_delta():
+def test_loha_from_its_factors():
     g = torch.Generator().manual_seed(0)
     w1a, w1b, w2a, w2b = (torch.randn(*s, generator=g) for s in ((4, 2), (2, 3), (4, 2), (2, 3)))
     a = to_adapter({"w1a": w1a, "w1b": w1b, "w2a": w2a, "w2b": w2b, "alpha": torch.tensor(1.0)})
-    assert isinstance(a, Dense)
-    torch.testing.assert_close(a.delta_weight, (w1a @ w1b) * (w2a @ w2b) * 0.5)
+    assert isinstance(a, LoHa)
+    torch.testing.assert_close(merged_weight(torch.nn.Linear(3, 4), a), (w1a @ w1b) * (w2a @ w2b) * 0.5)
 
 
-def test_lokr_dense_delta():
+def test_lokr_from_its_factors():
     w1, w2 = torch.randn(2, 2), torch.randn(3, 4)
     a = to_adapter({"k1": w1, "k2": w2})
-    torch.testing.assert_close(a.delta_weight, torch.kron(w1, w2))
-    assert a.delta_weight.shape == (6, 8)
+    assert isinstance(a, LoKr)
+    torch.testing.assert_close(merged_weight(torch.nn.Linear(8, 6), a), torch.kron(w1, w2))
+
+
+def test_dora_needs_the_base_weight_and_scales_rows():
+    layer = torch.nn.Linear(3, 4)
+    parts = {"down": torch.randn(2, 3), "up": torch.randn(4, 2), "dora": torch.rand(4, 1) + 0.5}
+    with pytest.raises(ValueError, match="base weight"):
+        to_adapter(parts)
+    a = to_adapter(parts, 0.5, layer.weight.detach())
+    w = layer.weight.detach()
+    expect = (w + parts["up"] @ parts["down"]) * parts["dora"] / (w.norm(dim=1, keepdim=True) + 1.1920929e-07)
+    torch.testing.assert_close(merged_weight(layer, a), (expect - w) * 0.5)
 
 
 def test_full_diff():
