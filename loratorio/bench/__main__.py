@@ -11,6 +11,7 @@ COMMANDS = {
     "speed": ("loratorio.bench.speed", "time and memory per step: plain, merged, LoRAtorio batched/sequential, floor"),
     "quality": ("loratorio.bench.quality", "composition score and quality of every method on the CPU miniature"),
     "train": ("loratorio.bench.train", "train the miniature (base model, skill LoRAs, judge) from scratch"),
+    "formats": ("loratorio.bench.formats", "LoHa/LoKr from their factors vs a full-size ΔW, one SD-sized layer"),
 }
 
 

@@ -114,9 +114,9 @@ def a1111_dora(magnitude: Tensor, weight: Tensor, delta: Tensor) -> tuple[Tensor
     The hosts' norm is always per column; a magnitude stored per output row (LyCORIS' wd_on_output, shape (out, 1…))
     then broadcasts against it, so W'[o, i] = (W + ΔW)[o, i]·m[o]/n[i]: row = m, col = 1/n.
     """
-    merged = weight.float() + delta.float()
+    merged = weight.float() + delta.to(weight.device).float()
     norm = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1)
-    m = magnitude.float()
+    m = magnitude.to(weight.device).float()
     if m.dim() >= 2 and m.shape[0] == merged.shape[0] and m.shape[0] != 1 and m.shape[1] == 1:
         return m.flatten(), 1 / norm
     if m.shape[0] == 1 and m.numel() == merged.shape[1]:

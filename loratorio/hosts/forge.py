@@ -322,11 +322,11 @@ def forge_dora(magnitude: Tensor, weight: Tensor, delta: Tensor) -> tuple[Tensor
     """(row, col) of weight_decompose: W' = (W + ΔW)·m / (|·| + eps); a magnitude with one entry per output row is
     divided by the norms of W's rows, otherwise by the norms of (W + ΔW)'s input columns."""
     w = weight.float()
-    m = magnitude.float()
+    m = magnitude.to(w.device).float()
     eps = torch.finfo(torch.float32).eps
     if m.shape[0] == w.shape[0]:
         return m.flatten() / (w.reshape(w.shape[0], -1).norm(dim=1) + eps), None
-    merged = w + delta.float()
+    merged = w + delta.to(w.device).float()
     return None, m.flatten() / (merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1) + eps)
 
 
