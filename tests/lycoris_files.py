@@ -103,7 +103,8 @@ def base_models(checkpoint: str | None) -> tuple[nn.Module, nn.Module]:
         prefix = "cond_stage_model.transformer.text_model."
         te = {k[len(prefix):]: v.float() for k, v in sd.items() if k.startswith(prefix)}
         missing, unexpected = clip.load_state_dict(te, strict=False)
-        if [k for k in missing if "position_ids" not in k] or unexpected:
+        missing, unexpected = ([k for k in keys if "position_ids" not in k] for keys in (missing, unexpected))
+        if missing or unexpected:
             raise ValueError(f"checkpoint text encoder does not match CLIP-L: {missing[:5]}, {unexpected[:5]}")
         del sd
     for p in [*unet.parameters(), *clip.parameters()]:
