@@ -281,9 +281,10 @@ class Rescaled:
         delta = torch.zeros_like(y) if self.inner is None else self.inner.apply(layer, xc, torch.zeros_like(y))
         if col is not None:
             # W(col·x) − Wx, as one product on (col − 1)·x rather than a difference of two large ones.
-            delta += _dense_forward(layer, x * _channel_view(col - 1, conv), layer.weight.to(x.dtype))
+            # (On hosts that keep weights off the compute device, .to() is that host's own per-call cast.)
+            delta += _dense_forward(layer, x * _channel_view(col - 1, conv), layer.weight.to(x.device, x.dtype))
         if row is not None:
-            base = y if layer.bias is None else y - _channel_view(layer.bias.to(y.dtype), conv)
+            base = y if layer.bias is None else y - _channel_view(layer.bias.to(y.device, y.dtype), conv)
             delta = delta.mul_(_channel_view(row, conv)).add_(base * _channel_view(row - 1, conv))
         return y.add_(delta, alpha=self.strength)
 
