@@ -24,7 +24,7 @@ from loratorio.core import (
     merged_weight,
     probe,
 )
-from loratorio.hosts import a1111, forge
+from loratorio.hosts import a1111, checks, forge
 from loratorio.hosts.checks import FAULT_ENV
 from tests import fake_forge as ff
 from tests import formats
@@ -311,3 +311,11 @@ def test_forge_adapter_failing_mid_sampling_falls_back_to_the_host(monkeypatch, 
     monkeypatch.delenv(FAULT_ENV)
     host.reset()
     torch.testing.assert_close(tf.sample(host, x, [c], u, max_chunks=chunks), plain)  # the model is as it was
+
+
+def test_the_fault_hook_is_inert_unless_set(monkeypatch):
+    tables = [{nn.Linear(2, 2): LowRank(torch.ones(1, 2), torch.ones(2, 1))}]
+    monkeypatch.delenv(FAULT_ENV, raising=False)
+    assert checks.inject_fault(tables, ["a"]) is tables
+    monkeypatch.setenv(FAULT_ENV, "other")
+    assert checks.inject_fault(tables, ["a"]) is tables
