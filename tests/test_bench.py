@@ -122,7 +122,21 @@ def test_chunks_under_a_budget():
     from loratorio.bench.memory import GIB, chunks_under
 
     # 8 rows of 1 GiB each over 2 GiB of weights: 10 GiB holds all rows, 6 GiB two groups (4 rows) a call
-    assert chunks_under(10, 8, 16, 2 * GIB, GIB) == 1
-    assert chunks_under(6.5, 8, 16, 2 * GIB, GIB) == 2
-    assert chunks_under(3, 8, 16, 2 * GIB, GIB) == 8  # one row a call: below one group
-    assert chunks_under(2.5, 8, 16, 2 * GIB, GIB) == 0
+    def per_row(rows):
+        return rows * GIB
+
+    assert chunks_under(10, 8, 16, 2 * GIB, per_row) == 1
+    assert chunks_under(6.5, 8, 16, 2 * GIB, per_row) == 2
+    assert chunks_under(3, 8, 16, 2 * GIB, per_row) == 8  # one row a call: below one group
+    assert chunks_under(2.5, 8, 16, 2 * GIB, per_row) == 0
+
+
+def test_fit_recovers_a_linear_law():
+    from loratorio.bench.memory import fit
+
+    measured = {str(lat): {"1": {"call_rows": {"plain": 2, "batched": 4, "chunked": 2, "sequential": 2},
+                                  **{m: 50 + 0.01 * rows * lat**2 for m, rows in
+                                     (("plain", 2), ("batched", 4), ("chunked", 2), ("sequential", 2))}}}
+                for lat in (8, 16)}
+    a, c = fit(measured)
+    assert a == pytest.approx(0.01) and c == pytest.approx(50)

@@ -52,53 +52,66 @@ def _fixed_mmap_threshold() -> None:
 
 def measure(unet: torch.nn.Module, names: list[str], config: dict, latent: int, ns: Sequence[int], rank: int,
             device: torch.device, dtype: torch.dtype, seed: int, repeats: int) -> dict[str, dict[str, float]]:
-    """MiB above each call's start, per N and method (the largest of `repeats` calls after one warm-up)."""
+    """MiB above each call's start, per N and method (the largest of `repeats` calls after one warm-up), with the
+    rows of the largest single model call each method makes."""
     fn, inputs = model_fn(unet), make_inputs(config, latent, device, dtype, seed)
     mem, out = PeakMemory(device), {}
+
+    def peak_of(run: Any) -> float:
+        best = 0.0
+        for i in range(repeats + 1):
+            mem.reset()
+            run()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i:
+                best = max(best, mem.read()[1])
+        return best
+
+    # plain: the host's merged LoRAs, one call of its 2 rows (prompt and negative). Merging changes weight values,
+    # not memory, so it is measured as the base call (a merge would need a backup of every target weight).
+    plain = peak_of(partial(fn, inputs))
     for n in ns:
         loras = make_loras(unet, names, n, rank, seed + n)
         router = MultiAdapter(unet, loras)
         groups = n + 1
         half = math.ceil(groups / 2) * 2  # rows of the first of two chunks
-
-        # plain: the host's merged LoRAs, one call of its 2 rows (prompt and negative). Merging changes weight values,
-        # not memory, so it is measured as the base call (a merge would need a backup of every target weight).
         runs = {
-            "plain": partial(fn, inputs),
-            "batched": partial(evaluate, fn, inputs, router, batched=True),
-            "chunked": partial(evaluate, fn, inputs, router, batched=True, chunker=Chunker(max_rows=half)),
-            "sequential": partial(evaluate, fn, inputs, router, batched=False),
+            "batched": (partial(evaluate, fn, inputs, router, batched=True), 2 * groups),
+            "chunked": (partial(evaluate, fn, inputs, router, batched=True, chunker=Chunker(max_rows=half)), half),
+            "sequential": (partial(evaluate, fn, inputs, router, batched=False), 2),
         }
-        peaks = {}
-        for method, run in runs.items():
-            if method != "plain":
-                router.install()
-            try:
-                best = 0.0
-                for i in range(repeats + 1):
-                    mem.reset()
-                    run()
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    if i:
-                        best = max(best, mem.read()[1])
-                peaks[method] = best
-            finally:
-                router.remove()
+        peaks, call_rows = {"plain": plain}, {"plain": 2}
+        with router:
+            for method, (run, rows) in runs.items():
+                peaks[method], call_rows[method] = peak_of(run), rows
         factors = sum(a.down.numel() * a.down.element_size() + a.up.numel() * a.up.element_size()
                       for lora in loras for a in lora.values())
-        out[str(n)] = {**peaks, "rows": 2 * groups, "factors_mib": factors / 2**20}
+        out[str(n)] = {**peaks, "rows": 2 * groups, "call_rows": call_rows, "factors_mib": factors / 2**20}
         print(f"latent {latent} N={n}: " + ", ".join(f"{k} {v:.0f} MiB" for k, v in peaks.items()), flush=True)
     return out
 
 
-def chunks_under(budget_gib: float, rows: int, latent: int, weights: float, peak_per_row: float) -> int:
-    """Calls the Chunker plans for `rows` rows when `budget_gib` holds the weights and the rest is free."""
+def fit(measured: dict[str, dict[str, Any]]) -> tuple[float, float]:
+    """Least squares MiB = c + a · (rows of the call × latent pixels) over every measured call: (a, c)."""
+    xs, ys = [], []
+    for latent, per_n in measured.items():
+        for r in per_n.values():
+            for method in METHODS:
+                xs.append(r["call_rows"][method] * int(latent) ** 2)
+                ys.append(r[method])
+    x, y = torch.tensor(xs, dtype=torch.float64), torch.tensor(ys, dtype=torch.float64)
+    a = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
+    return a, float(y.mean() - a * x.mean())
+
+
+def chunks_under(budget_gib: float, rows: int, latent: int, weights: float, peak: Any) -> int:
+    """Calls the Chunker plans for `rows` rows when `budget_gib` holds the weights and the rest is free (0: not even
+    one row fits)."""
     free = budget_gib * GIB - weights
-    budget = MemoryBudget(free=lambda: int(free), peak=lambda r, shape: r * peak_per_row)
-    chunker = Chunker(budget)
+    chunker = Chunker(MemoryBudget(free=lambda: int(free), peak=lambda r, shape: peak(r)))
     chunker.run(lambda a, b: torch.zeros(b - a), rows, 2, (4, latent, latent))
-    return chunker.most_chunks if free >= peak_per_row else 0
+    return chunker.most_chunks if free >= peak(1) else 0
 
 
 def run_memory(args: argparse.Namespace) -> dict[str, Any]:
@@ -115,27 +128,29 @@ def run_memory(args: argparse.Namespace) -> dict[str, Any]:
         for latent in args.latent:
             measured[str(latent)] = measure(unet, names, config, latent, args.n, args.rank, device, dtype, args.seed,
                                             args.repeats)
-    target_size = torch.empty((), dtype=getattr(torch, args.target_dtype)).element_size()
-    weights = sum(p.numel() for p in unet.parameters()) * target_size
-    # Extrapolation: each method's MiB above the call's start, per latent pixel and dtype byte, at the largest
-    # latent measured, times the target's pixels and dtype size; the fixed part (weights, LoRA factors) added.
-    base = measured[str(max(args.latent))]
-    scale = (args.target_latent / max(args.latent)) ** 2 * target_size / torch.empty((), dtype=dtype).element_size()
+    # Extrapolation: activations grow with rows × latent pixels (fitted over every measured call) and with the
+    # dtype's size; weights and LoRA factors are counted in the target dtype.
+    elem = torch.empty((), dtype=dtype).element_size()
+    ratio = torch.empty((), dtype=getattr(torch, args.target_dtype)).element_size() / elem
+    a, c = fit(measured)
+    pixels = args.target_latent ** 2
+
+    def activations(rows: int) -> float:
+        return (c + a * rows * pixels) * 2**20 * ratio
+
+    weights = sum(p.numel() for p in unet.parameters()) * elem * ratio
+    last = measured[str(args.latent[-1])]
     table = {}
     for n in args.n:
-        row = base[str(n)]
-        factors = row["factors_mib"] * 2**20 * target_size / torch.empty((), dtype=dtype).element_size()
-        peak = {m: (weights + factors + row[m] * 2**20 * scale) / GIB for m in METHODS}
-        per_row = row["batched"] * 2**20 * scale / row["rows"]
-        table[str(n)] = {**{f"{m}_gib": peak[m] for m in METHODS}, "rows": row["rows"],
-                         "chunks": {str(b): chunks_under(b, row["rows"], args.target_latent, weights + factors,
-                                                         per_row) for b in args.budgets}}
-    pixels = max(args.latent) ** 2
-    elem = torch.empty((), dtype=dtype).element_size()
-    values = max(base[str(n)]["batched"] * 2**20 / (base[str(n)]["rows"] * pixels * elem) for n in args.n)
+        row = last[str(n)]
+        fixed = weights + row["factors_mib"] * 2**20 * ratio
+        table[str(n)] = {**{f"{m}_gib": (fixed + activations(row["call_rows"][m])) / GIB for m in METHODS},
+                         "rows": row["rows"],
+                         "chunks": {str(b): chunks_under(b, row["rows"], args.target_latent, fixed, activations)
+                                    for b in args.budgets}}
     return {"machine": machine(device), "args": vars(args), "model": family, "measured_mib": measured,
-            "target": table, "weights_gib": weights / GIB, "values_per_pixel": values,
-            "core_values_per_pixel": VALUES_PER_PIXEL.get(family)}
+            "target": table, "weights_gib": weights / GIB, "fit_mib_per_row_pixel": a, "fit_fixed_mib": c,
+            "values_per_pixel": a * 2**20 / elem, "core_values_per_pixel": VALUES_PER_PIXEL.get(family)}
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -155,8 +170,9 @@ def format_table(report: dict[str, Any]) -> str:
     for n, r in report["target"].items():
         lines.append(f"{n} | {r['rows']} | " + " | ".join(f"{r[m + '_gib']:.1f}" for m in METHODS) + " | "
                      + " | ".join(str(r["chunks"][str(b)]) for b in budgets))
-    lines.append(f"\nmeasured activation values per row and latent pixel: {report['values_per_pixel']:.0f} "
-                 f"(the core's estimate: {report['core_values_per_pixel']})")
+    lines.append(f"\nfit over the measured calls: {report['fit_fixed_mib']:.0f} MiB + "
+                 f"{report['values_per_pixel']:.0f} values per row and latent pixel (the core's estimate: "
+                 f"{report['core_values_per_pixel']})")
     return "\n".join(lines)
 
 
@@ -166,7 +182,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="measured in: float16 on CUDA, "
                    "else float32")
-    p.add_argument("--latent", type=int, nargs="+", help="latent sides measured (default: 128 on CUDA, 12 16 on CPU)")
+    p.add_argument("--latent", type=int, nargs="+", help="latent sides measured (default: 128 on CUDA, 24 32 on CPU)")
     p.add_argument("--target-latent", type=int, default=128, help="latent side of the table (128: 1024×1024 px)")
     p.add_argument("--target-dtype", choices=("float32", "float16", "bfloat16"), default="float16")
     p.add_argument("--n", type=int, nargs="+", default=[1, 2, 3, 4])
@@ -181,7 +197,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     on_cuda = torch.device(args.device).type == "cuda"
     args.dtype = args.dtype or ("float16" if on_cuda else "float32")
-    args.latent = args.latent or ([128] if on_cuda else [12, 16])
+    args.latent = args.latent or ([128] if on_cuda else [24, 32])
     if min(args.n) < 1 or args.repeats < 1:
         p.error("--n and --repeats must be >= 1")
     return args

@@ -390,8 +390,8 @@ class GenerationState:
         tensors = {k: v for k, v in c.items() if k not in ("transformer_options", "control_model")}
         # Which row of this host call each row is, so that a chunk's per-chunk options follow its rows; a host
         # chunk's b rows stay in one call (the unit), as cond_or_uncond describes whole chunks.
-        rows = torch.arange(x.shape[0])
-        preds = self.composer.predict(partial(_expanded_call, call, args, b), (x, sigma, tensors, rows), rec.step,
+        row_ids = torch.arange(x.shape[0])
+        preds = self.composer.predict(partial(_expanded_call, call, args, b), (x, sigma, tensors, row_ids), rec.step,
                                       unit=b)
         out = preds[0].clone()
         for i, kind in enumerate(kinds):
