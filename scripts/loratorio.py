@@ -34,6 +34,7 @@ class LoratorioScript(scripts.Script):
     def process(self, p, *args):
         self._remove()
         self.maps, self.pending_maps, self.settings, self.error = [], None, None, None
+        self.chunks, self.ooms, self.chunks_logged = 1, 0, False
         try:
             self.settings = settings_from_args(args)
         except ValueError as exc:
@@ -66,10 +67,11 @@ class LoratorioScript(scripts.Script):
     def _install(self, p, warn):
         networks = sys.modules.get("networks")
         if HOST == A1111:
+            from modules import devices
             from modules.sd_samplers_cfg_denoiser import CFGDenoiser
 
             return a1111.install(p, self.settings, sd_model=shared.sd_model, networks_module=networks,
-                                 base_denoiser_cls=CFGDenoiser, warn=warn)
+                                 base_denoiser_cls=CFGDenoiser, warn=warn, device=devices.device)
         backend = forge.forge_backend() if HOST == FORGE else forge.reforge_backend(p.sd_model, networks)
         return forge.install(p, self.settings, backend=backend, networks_module=networks, warn=warn)
 
@@ -78,6 +80,12 @@ class LoratorioScript(scripts.Script):
 
     def postprocess_batch(self, p, *args, **kwargs):
         self._remove()
+        if getattr(self, "chunks", 1) > 1:  # before the host writes this batch's infotext
+            p.extra_generation_params["LoRAtorio chunks"] = self.chunks
+            if not self.chunks_logged:
+                self.chunks_logged = True
+                log.info("LoRAtorio: the batched call was split into %d chunks to fit device memory "
+                         "(%d out-of-memory retries)", self.chunks, self.ooms)
         if self.pending_maps is not None:
             self.maps.extend(self.pending_maps)
             self.pending_maps = None
@@ -97,6 +105,9 @@ class LoratorioScript(scripts.Script):
         if state is None:
             return
         (a1111 if HOST == A1111 else forge).remove(state)
+        chunker = state.composer.chunker
+        self.chunks = max(getattr(self, "chunks", 1), chunker.most_chunks)
+        self.ooms = getattr(self, "ooms", 0) + chunker.ooms
         if state.map_steps:
             names = [n.mentioned_name or n.name for n in state.networks]
             self.pending_maps = maps.weight_map_images(state.map_sum / state.map_steps, names)

@@ -1,7 +1,8 @@
 """Small fakes of the A1111 v1.10 objects LoRAtorio touches, written from the host's real signatures.
 
 - `CFGDenoiser.forward(x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond)`: the batch layout, callbacks,
-  skip-uncond, padding and batch_cond_uncond branches of modules/sd_samplers_cfg_denoiser.py, condensed.
+  skip-uncond, padding and batch_cond_uncond branches of modules/sd_samplers_cfg_denoiser.py, condensed; SDXL's dict
+  conditioning ({"crossattn", "vector"}, joined and sliced per key by catenate_conds / subscript_cond) included.
 - The built-in Lora extension: `networks.loaded_networks`, `Network` (name, modules, te/unet multipliers, dyn_dim),
   `NetworkModuleLora` (up_model, down_model, mid_model, multiplier(), calc_scale(), calc_updown(), forward(x, y)),
   and its layers computing with whatever `loaded_networks` holds at forward time (what the merge patch achieves).
@@ -53,6 +54,34 @@ class Callbacks:
     denoised: list = field(default_factory=list)
 
 
+def catenate_conds(conds):
+    """sd_samplers_cfg_denoiser.catenate_conds: SDXL conds are dicts, joined key by key."""
+    if not isinstance(conds[0], dict):
+        return torch.cat(conds)
+    return {key: torch.cat([c[key] for c in conds]) for key in conds[0]}
+
+
+def subscript_cond(cond, a, b):
+    """sd_samplers_cfg_denoiser.subscript_cond."""
+    if not isinstance(cond, dict):
+        return cond[a:b]
+    return {key: vec[a:b] for key, vec in cond.items()}
+
+
+def crossattn(cond):
+    return cond["crossattn"] if isinstance(cond, dict) else cond
+
+
+def context_of(sd_model, cond):
+    """The UNet's context: SD1.5's c_crossattn, or SDXL's crossattn shifted by its pooled `vector` (which the real
+    UNet adds to the time embedding through label_emb). Every call's conditioning is recorded in sd_model.seen_conds.
+    """
+    sd_model.seen_conds.append(cond)
+    if "crossattn" in cond:
+        return cond["crossattn"] + cond["vector"][:, None, : cond["crossattn"].shape[-1]]
+    return cond["c_crossattn"][0]
+
+
 class KDiffusionWrap(nn.Module):
     """k-diffusion CompVisDenoiser (an nn.Module): returns denoised x0 for a k-diffusion sigma."""
 
@@ -62,7 +91,7 @@ class KDiffusionWrap(nn.Module):
         self.register_buffer("sigmas", torch.linspace(0.1, 10, 10))
 
     def forward(self, x, sigma, cond):
-        eps = self.inner_model.model.diffusion_model(x, sigma, cond["c_crossattn"][0])
+        eps = self.inner_model.model.diffusion_model(x, sigma, context_of(self.inner_model, cond))
         return x - sigma.view(-1, 1, 1, 1) * eps
 
 
@@ -70,7 +99,7 @@ class TimestepsWrap(KDiffusionWrap):
     """CompVisTimestepsDenoiser: returns ε for integer-like timesteps."""
 
     def forward(self, x, t, cond):
-        return self.inner_model.model.diffusion_model(x, t, cond["c_crossattn"][0])
+        return self.inner_model.model.diffusion_model(x, t, context_of(self.inner_model, cond))
 
 
 class CFGDenoiser(nn.Module):
@@ -94,7 +123,7 @@ class CFGDenoiser(nn.Module):
         return x_out
 
     def combine_denoised(self, x_out, conds_list, uncond, cond_scale):
-        denoised_uncond = x_out[-uncond.shape[0]:]
+        denoised_uncond = x_out[-crossattn(uncond).shape[0]:]
         denoised = torch.clone(denoised_uncond)
         for i, conds in enumerate(conds_list):
             for cond_index, weight in conds:
@@ -102,7 +131,8 @@ class CFGDenoiser(nn.Module):
         return denoised
 
     def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
-        """cond: (conds_list, tensor) as reconstruct_multicond_batch returns them; uncond: a tensor."""
+        """cond: (conds_list, tensor) as reconstruct_multicond_batch returns them; uncond: a tensor (or, on SDXL,
+        tensor and uncond are dicts of crossattn and vector)."""
         conds_list, tensor = cond
         batch_size = len(conds_list)
         repeats = [len(c) for c in conds_list]
@@ -123,25 +153,29 @@ class CFGDenoiser(nn.Module):
             x_in, sigma_in = x_in[:-batch_size], sigma_in[:-batch_size]
 
         def make(c, ic):
+            if isinstance(c, dict):
+                return {**c, "c_concat": [ic]}
             return {"c_crossattn": [c], "c_concat": [ic]}
 
-        if tensor.shape[1] == uncond.shape[1] or skip_uncond:
-            cond_in = tensor if skip_uncond else torch.cat([tensor, uncond])
+        if crossattn(tensor).shape[1] == crossattn(uncond).shape[1] or skip_uncond:
+            cond_in = tensor if skip_uncond else catenate_conds([tensor, uncond])
             if self.opts.batch_cond_uncond:
                 x_out = self.inner_model(x_in, sigma_in, cond=make(cond_in, ic_in))
             else:
                 x_out = torch.zeros_like(x_in)
                 for a in range(0, x_out.shape[0], batch_size):
                     b = a + batch_size
-                    x_out[a:b] = self.inner_model(x_in[a:b], sigma_in[a:b], cond=make(cond_in[a:b], ic_in[a:b]))
+                    x_out[a:b] = self.inner_model(x_in[a:b], sigma_in[a:b],
+                                                  cond=make(subscript_cond(cond_in, a, b), ic_in[a:b]))
         else:
             x_out = torch.zeros_like(x_in)
             bs = batch_size * 2 if self.opts.batch_cond_uncond else batch_size
-            for a in range(0, tensor.shape[0], bs):
-                b = min(a + bs, tensor.shape[0])
-                x_out[a:b] = self.inner_model(x_in[a:b], sigma_in[a:b], cond=make(tensor[a:b], ic_in[a:b]))
+            for a in range(0, crossattn(tensor).shape[0], bs):
+                b = min(a + bs, crossattn(tensor).shape[0])
+                x_out[a:b] = self.inner_model(x_in[a:b], sigma_in[a:b],
+                                              cond=make(subscript_cond(tensor, a, b), ic_in[a:b]))
             if not skip_uncond:
-                n = uncond.shape[0]
+                n = crossattn(uncond).shape[0]
                 x_out[-n:] = self.inner_model(x_in[-n:], sigma_in[-n:], cond=make(uncond, ic_in[-n:]))
         firsts = [c[0][0] for c in conds_list]
         if skip_uncond:
@@ -398,7 +432,7 @@ class NetworksModule:
 
 def make_sd_model(unet: TinyUNet, networks_module: NetworksModule):
     """An sd_model whose UNet layers apply loaded_networks at forward time, as the host's patched layers do."""
-    sd_model = SimpleNamespace(model=SimpleNamespace(diffusion_model=unet), cond_stage_key="crossattn")
+    sd_model = SimpleNamespace(model=SimpleNamespace(diffusion_model=unet), cond_stage_key="crossattn", seen_conds=[])
     sd_model.network_layer_mapping = {key(n): m for n, m in unet.named_modules() if n}
 
     def host_lora(module, inputs, output):

@@ -50,8 +50,12 @@ class DiffusionModel(TinyUNet):
         super().__init__()
         self.seen: list[dict] = []
 
-    def forward(self, x, t, context=None, control=None, transformer_options=None, **kwargs):
-        self.seen.append({"rows": x.shape[0], "to": transformer_options or {}})
+    def forward(self, x, t, context=None, control=None, transformer_options=None, y=None, **kwargs):
+        """y: SDXL's pooled vector (pooled text, size and crop embeddings); it shifts the context here, as the real
+        UNet adds it to the time embedding through label_emb."""
+        self.seen.append({"rows": x.shape[0], "to": transformer_options or {}, "context": context, "y": y})
+        if y is not None:
+            context = context + y[:, None, : context.shape[-1]]
         return super().forward(x, t, context)
 
 
@@ -72,7 +76,8 @@ class KModel(nn.Module):
         self.diffusion_model = diffusion_model
 
     def apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kwargs):
-        eps = self.diffusion_model(x, t, context=c_crossattn, control=control, transformer_options=transformer_options)
+        eps = self.diffusion_model(x, t, context=c_crossattn, control=control, transformer_options=transformer_options,
+                                   **kwargs)
         return x - t.view(-1, 1, 1, 1) * eps
 
     def memory_required(self, input_shape):
@@ -99,6 +104,15 @@ def _decompose(dora_scale, weight, diff, alpha, strength):
     else:
         weight[:] = calc
     return weight
+
+
+def get_free_memory(dev=None, torch_free_too=False):
+    """backend/memory_management.py: free bytes on a device (CUDA: the driver's free plus torch's cached free)."""
+    return 64 * 2**30
+
+
+def soft_empty_cache(force=False):
+    """backend/memory_management.py: empty the allocator's cache."""
 
 
 def merge(patches, weight, key="", computation_dtype=torch.float32):
@@ -366,7 +380,9 @@ def calc_cond_uncond_batch(model, cond, uncond, x_in, timestep, model_options, m
         to["cond_mark"] = torch.tensor([float(k) for k in kinds for _ in range(b)])
         to["cond_indices"] = [r for i, k in enumerate(kinds) if k == 0 for r in range(i * b, (i + 1) * b)]
         to["uncond_indices"] = [r for i, k in enumerate(kinds) if k == 1 for r in range(i * b, (i + 1) * b)]
-        c = {"c_crossattn": torch.cat([p[0]["c_crossattn"] for p in picked]), "transformer_options": to}
+        # cond_cat: every model condition joined over the picked chunks (SDXL adds the pooled vector `y`)
+        c = {k: torch.cat([p[0][k] for p in picked]) for k in ("c_crossattn", "y") if k in picked[0][0]}
+        c["transformer_options"] = to
         input_x, timestep_ = torch.cat([x_in] * n), torch.cat([timestep] * n)
         if calls is not None:
             calls.append(kinds)

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from loratorio.core import BatchLayout, Composer, MultiAdapter, Settings
+from loratorio.core import BatchLayout, Composer, MemoryBudget, MultiAdapter, Settings
 from loratorio.hosts import a1111
 from tests import fake_a1111 as fake
 from tests.toy import CTX, make_lora, make_unet
@@ -54,7 +54,13 @@ def latent(images=2):
 
 
 def simple(cond):
-    return [[(i, 1.0)] for i in range(cond.shape[0])], cond
+    return [[(i, 1.0)] for i in range(fake.crossattn(cond).shape[0])], cond
+
+
+def sdxl_conds(images=2, seed=7):
+    """SDXL's conditioning: crossattn, and the pooled `vector` (pooled text, size and crop embeddings; 2816 wide)."""
+    g = torch.Generator().manual_seed(seed + 100)
+    return {"crossattn": conds(images, seed=seed), "vector": torch.randn(images, 2816, generator=g)}
 
 
 @torch.no_grad()
@@ -258,3 +264,64 @@ def test_install_failing_midway_leaves_no_hook(monkeypatch):
     assert denoiser.model_wrap is original and not hasattr(denoiser, "loratorio_state")
     assert host.unet._forward_pre_hooks == {} and all(
         len(m._forward_hooks) == 1 for m in host.unet.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
+
+
+def paired_rows(seen, cond, uncond):
+    """Checks that every row of every recorded model call carries a (crossattn, vector) pair exactly as the host built
+    it (the row is found by its crossattn); returns the number of rows seen."""
+    host_rows = [(cond["crossattn"][i], cond["vector"][i]) for i in range(cond["vector"].shape[0])]
+    host_rows += [(uncond["crossattn"][i], uncond["vector"][i]) for i in range(uncond["vector"].shape[0])]
+    rows = 0
+    for call in seen:
+        for ctx, vector in zip(call["crossattn"], call["vector"], strict=True):
+            match = [j for j, (c, _) in enumerate(host_rows) if torch.equal(c, ctx)]
+            assert len(match) == 1 and torch.equal(host_rows[match[0]][1], vector)
+            rows += 1
+    return rows
+
+
+@pytest.mark.parametrize("chunks", [1, 4])
+def test_sdxl_vector_reaches_every_row_of_the_batched_call_unchanged(chunks, monkeypatch):
+    """SDXL (sgm) conditioning is a dict; its pooled `vector` must follow each row into the G-fold batch."""
+    host, x, c, u = Host(), latent(), sdxl_conds(), sdxl_conds(seed=8)
+    expect, _ = run(host, x=x, cond=simple(c), uncond=u)
+    if chunks > 1:  # 3 rows a call: 12 rows in 4 chunks that cut through the copies of the host's 4 rows
+        monkeypatch.setattr(a1111, "memory_budget", lambda *a, **k: MemoryBudget(lambda: 3, lambda n, shape: n))
+    host.sd_model.seen_conds.clear()
+    got, state = run(host, x=x, cond=simple(c), uncond=u)
+    assert not host.warnings and state.composer.chunker.most_chunks == chunks
+    assert paired_rows(host.sd_model.seen_conds, c, u) == STEPS * 3 * 4  # base + 2 LoRAs, 2 images × cond/uncond
+    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
+    assert (got - sample(host.denoiser(), x, simple(c), u)).abs().mean() > 1e-3
+
+
+def test_sdxl_routed_lora_equals_the_host_merge():
+    """Switch mode holding LoRA a is base + a's routed delta: equal to the host's merge of a alone, vector included."""
+    host, x, c, u = Host(), latent(), sdxl_conds(), sdxl_conds(seed=8)
+    held = Settings(**{**ON.to_dict(), "mode": "switch", "switch_interval": 1000})
+    got, _ = run(host, held, x=x, cond=simple(c), uncond=u)
+    host.networks_module.loaded_networks[:] = host.networks[:1]
+    merged = sample(host.denoiser(), x, simple(c), u)
+    host.networks_module.loaded_networks[:] = host.networks[1:]
+    other = sample(host.denoiser(), x, simple(c), u)
+    torch.testing.assert_close(got, merged, rtol=1e-4, atol=1e-4)
+    assert (got - other).abs().mean() > 1e-3
+
+
+def test_oom_above_k_rows_still_gives_the_image_for_every_k():
+    """The UNet runs out of memory above k rows: each step is retried in smaller chunks, with the same result."""
+    host, x, c, u = Host(), latent(), sdxl_conds(), sdxl_conds(seed=8)
+    expect, _ = run(host, x=x, cond=simple(c), uncond=u)
+    for k in range(1, 13):  # the batched call has 12 rows
+        def oom(module, args, k=k):
+            if args[0].shape[0] > k:
+                raise torch.cuda.OutOfMemoryError(f"CUDA out of memory: {args[0].shape[0]} rows")
+
+        handle = host.unet.register_forward_pre_hook(oom)
+        try:
+            got, state = run(host, x=x, cond=simple(c), uncond=u)
+        finally:
+            handle.remove()
+        assert not host.warnings and state.failed is None
+        assert (state.composer.chunker.ooms > 0) == (k < 12) and state.composer.chunker.cap in (None, *range(1, k + 1))
+        torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)

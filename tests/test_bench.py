@@ -101,3 +101,42 @@ def test_real_diffusers_unet_smoke(tmp_path):
     assert bench_main(argv) == 0
     r = json.loads((tmp_path / "r.json").read_text())["per_n"]["2"]
     assert r["batched_over_floor"] > 0 and r["rows"]["batched"]["median_s"] > 0
+
+
+def test_memory_report_on_a_stand_in_unet(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(speed, "load_unet_class", lambda: FakeUNet)
+    out = tmp_path / "m.json"
+    argv = ["memory", "--device", "cpu", "--tiny", "--latent", "8", "16", "--n", "1", "3", "--target-latent", "32",
+            "--budgets", "0.000001", "1", "--json", str(out)]
+    assert bench_main(argv) == 0
+    report = json.loads(out.read_text())
+    assert list(report["measured_mib"]) == ["8", "16"] and list(report["target"]) == ["1", "3"]
+    for n, rows in (("1", 4), ("3", 8)):
+        r = report["target"][n]
+        assert r["rows"] == rows and r["chunks"] == {"1e-06": 0, "1.0": 1}  # nothing fits / everything fits
+        assert r["batched_gib"] >= r["plain_gib"] > 0
+    assert "chunks @ 1.0 GB" in capsys.readouterr().out
+
+
+def test_chunks_under_a_budget():
+    from loratorio.bench.memory import GIB, chunks_under
+
+    # 8 rows of 1 GiB each over 2 GiB of weights: 10 GiB holds all rows, 6 GiB two groups (4 rows) a call
+    def per_row(rows):
+        return rows * GIB
+
+    assert chunks_under(10, 8, 16, 2 * GIB, per_row) == 1
+    assert chunks_under(6.5, 8, 16, 2 * GIB, per_row) == 2
+    assert chunks_under(3, 8, 16, 2 * GIB, per_row) == 8  # one row a call: below one group
+    assert chunks_under(2.5, 8, 16, 2 * GIB, per_row) == 0
+
+
+def test_fit_recovers_a_linear_law():
+    from loratorio.bench.memory import fit
+
+    measured = {str(lat): {"1": {"call_rows": {"plain": 2, "batched": 4, "chunked": 2, "sequential": 2},
+                                  **{m: 50 + 0.01 * rows * lat**2 for m, rows in
+                                     (("plain", 2), ("batched", 4), ("chunked", 2), ("sequential", 2))}}}
+                for lat in (8, 16)}
+    a, c = fit(measured)
+    assert a == pytest.approx(0.01) and c == pytest.approx(50)

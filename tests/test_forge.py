@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from loratorio.core import BatchLayout, Composer, MultiAdapter, Settings
+from loratorio.core import BatchLayout, Composer, MemoryBudget, MultiAdapter, Settings
 from loratorio.hosts import forge
 from tests import fake_forge as fake
 from tests.toy import CTX, make_lora
@@ -211,7 +211,7 @@ def test_clones_and_never_mutates_the_host_patchers():
             list(host.after.extra_model_patchers_during_sampling)) == before
     holder = unet.extra_model_patchers_during_sampling[-1].model
     assert isinstance(holder, forge.TensorHolder) and len(list(holder.parameters())) > 0
-    assert unet.model_options["memory_peak_estimation_modifier"]([2, 4, 8, 8]) == unet.memory_required([6, 4, 8, 8])
+    assert "memory_peak_estimation_modifier" not in unet.model_options  # the host reserves for plain rows
     forge.remove(state)
 
 
@@ -277,10 +277,10 @@ def test_exception_in_a_step_falls_back_to_merged_loras(monkeypatch):
     state = host.install()
     real = state.composer.predict
 
-    def flaky(fn, inputs, step):
+    def flaky(fn, inputs, step, **kwargs):
         if step == 2:
             raise RuntimeError("boom")
-        return real(fn, inputs, step)
+        return real(fn, inputs, step, **kwargs)
 
     monkeypatch.setattr(state.composer, "predict", flaky)
     got = sample(host, x, [c], u)
@@ -389,3 +389,56 @@ def test_weight_maps_accumulate_per_image():
                    uncond=prompt(seed=8))
     assert state.map_steps == STEPS and state.map_sum.shape == (2, 2, 8, 8)
     torch.testing.assert_close(state.map_sum.sum(0), torch.full((2, 8, 8), float(STEPS)))
+
+
+def sdxl_prompt(images=2, seed=7):
+    """Forge's SDXL conditioning: c_crossattn and the pooled vector `y` (pooled text, size and crop embeddings)."""
+    g = torch.Generator().manual_seed(seed + 100)
+    return {**prompt(images, seed), "y": torch.randn(images, 2816, generator=g)}
+
+
+@pytest.mark.parametrize("free", [None, 3], ids=["one call", "one host chunk per call"])
+@pytest.mark.parametrize("reforge", [False, True], ids=["forge", "reforge"])
+def test_sdxl_y_reaches_every_row_unchanged(reforge, free, monkeypatch):
+    """Each row of each call carries its own (context, y) pair, and each b rows the kind cond_or_uncond names."""
+    host, x, c, u = Host(reforge), latent(), sdxl_prompt(), sdxl_prompt(seed=8)
+    expect, _ = run(host, x=x, cond=[c], uncond=u)
+    if free is not None:  # less than the 4 rows of one copy fit: one host chunk (b = 2 rows, the unit) per call
+        monkeypatch.setattr(forge, "memory_budget", lambda *a: MemoryBudget(lambda: free, lambda n, shape: n))
+    seen = host.after.model.diffusion_model.seen
+    seen.clear()
+    got, state = run(host, x=x, cond=[c], uncond=u)
+    assert not host.warnings and state.composer.chunker.most_chunks == (1 if free is None else 6)
+    rows = 0
+    for call in seen:
+        kinds = call["to"]["cond_or_uncond"]
+        assert len(kinds) * 2 == call["rows"] == call["y"].shape[0]
+        for r in range(call["rows"]):
+            source = (c, u)[kinds[r // 2]]  # the host's cond (0) or uncond (1) chunk
+            assert torch.equal(call["context"][r], source["c_crossattn"][r % 2])
+            assert torch.equal(call["y"][r], source["y"][r % 2])
+            rows += 1
+    assert rows == STEPS * 3 * 4  # base + 2 LoRAs over 2 images × cond/uncond
+    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
+    host.reset()
+    assert (got - sample(host, x, [c], u)).abs().mean() > 1e-3
+
+
+@pytest.mark.parametrize("reforge", [False, True], ids=["forge", "reforge"])
+def test_oom_above_k_rows_still_gives_the_image_for_every_k(reforge):
+    """Down to one host chunk (b rows, the unit on Forge) a call that runs out of memory is redone in halves."""
+    host, x, c, u = Host(reforge), latent(), sdxl_prompt(), sdxl_prompt(seed=8)
+    expect, _ = run(host, x=x, cond=[c], uncond=u)
+    model = host.after.model.diffusion_model
+    for k in range(2, 13):  # 12 rows: 3 groups of the host's 2 chunks × b = 2 images
+        def oom(module, args, kwargs, k=k):
+            if args[0].shape[0] > k:
+                raise RuntimeError(f"CUDA out of memory. Tried to allocate {args[0].shape[0]} rows")
+
+        handle = model.register_forward_pre_hook(oom, with_kwargs=True)
+        try:
+            got, state = run(host, x=x, cond=[c], uncond=u)
+        finally:
+            handle.remove()
+        assert not host.warnings and state.failed is None and (state.composer.chunker.ooms > 0) == (k < 12)
+        torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)

@@ -21,6 +21,8 @@ def forge_env(monkeypatch):
         "backend.patcher": module("backend.patcher"),
         "backend.patcher.unet": module("backend.patcher.unet", UnetPatcher=fake.UnetPatcher),
         "backend.patcher.lora": module("backend.patcher.lora", merge_lora_to_weight=fake.merge),
+        "backend.memory_management": module("backend.memory_management", get_free_memory=fake.get_free_memory,
+                                             soft_empty_cache=fake.soft_empty_cache),
         "networks": host.networks,
     }
     callbacks = {"on_cfg_denoiser": None, "on_cfg_denoised": None}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
+import logging
 import sys
 import types
 from pathlib import Path
@@ -12,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from loratorio.core import ARG_ORDER
+from loratorio.core import ARG_ORDER, MemoryBudget
 from tests import fake_a1111 as fake
 from tests.test_a1111 import Host, conds, latent, sample, simple
 
@@ -54,11 +55,13 @@ def load_entry(monkeypatch, host_modules: dict, sd_model, callbacks: dict, name:
         "modules.errors": module("modules.errors", report=lambda msg, exc_info=False: reports.append(msg)),
         "modules.shared": module("modules.shared", sd_model=sd_model),
         "modules.ui_components": module("modules.ui_components", InputAccordion=Component),
+        "modules.devices": module("modules.devices", device=torch.device("cpu")),
         **host_modules,
     }
     for mod_name, mod in mods.items():
         monkeypatch.setitem(sys.modules, mod_name, mod)
-    for sub in ("errors", "script_callbacks", "scripts", "shared", "ui_components", "sd_samplers_cfg_denoiser"):
+    for sub in ("errors", "script_callbacks", "scripts", "shared", "ui_components", "sd_samplers_cfg_denoiser",
+                "devices"):
         if f"modules.{sub}" in mods:
             monkeypatch.setattr(mods["modules"], sub, mods[f"modules.{sub}"], raising=False)
     spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / "loratorio.py")
@@ -169,3 +172,29 @@ def test_install_failure_is_reported_and_sampling_is_plain(script_env, monkeypat
     env.script.process_before_every_sampling(p, {"enabled": True})
     assert env.reports and "could not start" in p.extra_generation_params["LoRAtorio warning"]
     assert denoiser.model_wrap is None and env.host.unet._forward_pre_hooks == {}
+
+
+def test_chunking_goes_into_the_infotext_and_the_console_once(script_env, monkeypatch, caplog):
+    """A budget that fits one copy of the host's rows: base and two LoRAs take 3 calls ('LoRAtorio chunks')."""
+    env, args = script_env, {"enabled": True, "patch_size": 4}
+    x, c, u = latent(), conds(), conds(seed=8)
+    p, denoiser = make_p(env.host)
+    env.script.process(p, args)
+    env.script.process_before_every_sampling(p, args)
+    one_call = sample(denoiser, x, simple(c), u)
+    env.script.postprocess_batch(p, args)
+    assert "LoRAtorio chunks" not in p.extra_generation_params
+
+    rows = 2 * x.shape[0]  # cond and uncond rows of two images
+    tight = MemoryBudget(free=lambda: rows, peak=lambda n, shape: n)  # one byte a row, `rows` bytes free
+    monkeypatch.setattr(env.entry.a1111, "memory_budget", lambda *a, **k: tight)
+    p, denoiser = make_p(env.host)
+    env.script.process(p, args)
+    with caplog.at_level(logging.INFO, logger="loratorio"):
+        for _ in range(2):  # two batches of one generation: one console line
+            env.script.process_before_every_sampling(p, args)
+            chunked = sample(denoiser, x, simple(c), u)
+            env.script.postprocess_batch(p, args)
+            assert p.extra_generation_params["LoRAtorio chunks"] == 3
+    assert sum("split into 3 chunks" in r.getMessage() for r in caplog.records) == 1
+    torch.testing.assert_close(chunked, one_call, rtol=1e-5, atol=1e-5)

@@ -1,14 +1,24 @@
 """Opt-in smoke tests against a real, running WebUI with this extension installed (pytest -m webui).
 
-Set LORATORIO_WEBUI_URL (e.g. http://127.0.0.1:7861) and LORATORIO_LORAS (two LoRA names, default
-"lora_a,lora_b"); the LoRAs should have UNet weights only, so that prompts with and without a tag differ only in the
-UNet. Skipped cleanly when no WebUI is set. Forge 2.x and reForge serve the same /sdapi/v1 API and
-alwayson_scripts args, so this file is their smoke test too (point LORATORIO_WEBUI_URL at them).
+Set LORATORIO_WEBUI_URL (e.g. http://127.0.0.1:7861). The same tests run for SD1.5 and SDXL; the environment names
+the model and the LoRAs (tests/webui/make_models.py writes both sets):
+
+  LORATORIO_LORAS       2 or 3 LoRA names composed together (default "lora_a,lora_b"); the first two are also used
+                        alone and in the routed-equals-merged check
+  LORATORIO_TE_LORA     a LoRA with text-encoder parts (on both encoders for SDXL); its tests skip without it
+  LORATORIO_CHECKPOINT  part of the loaded checkpoint's name that the tests insist on (e.g. "sdxl-random"), so that an
+                        SDXL run cannot silently test another model; unset: whatever is loaded
+  LORATORIO_SIZE        image side in pixels (default 64; 256 for SDXL on a CPU)
+  LORATORIO_STEPS       sampling steps (default 4)
+
+Forge 2.x and reForge serve the same /sdapi/v1 API and alwayson_scripts args, so this file is their smoke test too.
+Skipped cleanly when no WebUI is set.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import json
 import os
@@ -20,31 +30,37 @@ import pytest
 
 URL = os.environ.get("LORATORIO_WEBUI_URL", "")
 LORAS = os.environ.get("LORATORIO_LORAS", "lora_a,lora_b").split(",")
+TE_LORA = os.environ.get("LORATORIO_TE_LORA", "")
+CHECKPOINT = os.environ.get("LORATORIO_CHECKPOINT", "")
+SIZE = int(os.environ.get("LORATORIO_SIZE", "64"))
 pytestmark = [pytest.mark.webui, pytest.mark.skipif(not URL, reason="set LORATORIO_WEBUI_URL to a running WebUI")]
 
-BASE = {"prompt": "a cat in a garden", "negative_prompt": "", "seed": 1234, "steps": 4, "width": 64,
-        "height": 64, "cfg_scale": 5, "sampler_name": "Euler"}
-TWO = f" <lora:{LORAS[0]}:1> <lora:{LORAS[1]}:1>"
+BASE = {"prompt": "a cat in a garden", "negative_prompt": "", "seed": 1234,
+        "steps": int(os.environ.get("LORATORIO_STEPS", "4")), "width": SIZE, "height": SIZE, "cfg_scale": 5,
+        "sampler_name": "Euler"}
+ALL = "".join(f" <lora:{name}:1>" for name in LORAS)
+HIRES = {"enable_hr": True, "hr_scale": 1.25, "hr_upscaler": "Latent", "denoising_strength": 0.6,
+         "hr_second_pass_steps": 2}
 
 
 def post(path, payload):
     req = urllib.request.Request(URL + path, json.dumps(payload).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=600) as resp:
+    with urllib.request.urlopen(req, timeout=3600) as resp:
+        return json.loads(resp.read())
+
+
+@functools.lru_cache(maxsize=1)
+def options():
+    with urllib.request.urlopen(URL + "/sdapi/v1/options", timeout=60) as resp:
         return json.loads(resp.read())
 
 
 def hires_extras():
     """Forge 2.x reads hr_additional_modules unguarded in hires fix, and its API defaults it to None."""
-    with urllib.request.urlopen(URL + "/sdapi/v1/options", timeout=60) as resp:
-        forge = "forge_additional_modules" in json.loads(resp.read())
-    return {"hr_additional_modules": ["Use same choices"]} if forge else {}
+    return {"hr_additional_modules": ["Use same choices"]} if "forge_additional_modules" in options() else {}
 
 
-def txt2img(prompt_suffix="", loratorio=None, **overrides):
-    payload = {**BASE, **overrides, "prompt": BASE["prompt"] + prompt_suffix}
-    if loratorio is not None:
-        payload["alwayson_scripts"] = {"LoRAtorio": {"args": loratorio}}
-    out = post("/sdapi/v1/txt2img", payload)
+def decode(out):
     from PIL import Image
 
     images = [np.asarray(Image.open(io.BytesIO(base64.b64decode(i))).convert("RGB"), dtype=np.float64)
@@ -52,21 +68,61 @@ def txt2img(prompt_suffix="", loratorio=None, **overrides):
     return images, json.loads(out["info"])
 
 
+@functools.lru_cache(maxsize=32)
+def _plain(path, payload_json):
+    """Plain requests (LoRAtorio off) are deterministic on these hosts: each is made once per session."""
+    return decode(post(path, json.loads(payload_json)))
+
+
+def generate(path, prompt_suffix="", loratorio=None, **overrides):
+    payload = {**BASE, **overrides, "prompt": BASE["prompt"] + prompt_suffix}
+    if loratorio is None:
+        return _plain(path, json.dumps(payload, sort_keys=True))
+    payload["alwayson_scripts"] = {"LoRAtorio": {"args": loratorio}}
+    return decode(post(path, payload))
+
+
+def txt2img(prompt_suffix="", loratorio=None, **overrides):
+    return generate("/sdapi/v1/txt2img", prompt_suffix, loratorio, **overrides)
+
+
+def img2img(prompt_suffix="", loratorio=None, **overrides):
+    return generate("/sdapi/v1/img2img", prompt_suffix, loratorio, **overrides)
+
+
 def mean_diff(a, b):
     return float(np.abs(a - b).mean())
 
 
-def test_enabled_differs_from_plain_and_writes_infotext():
-    plain, _ = txt2img(TWO)
-    composed, info = txt2img(TWO, [{"enabled": True, "patch_size": 4}])
+def assert_contrast(image):
+    """A comparison means something only if the image is a real one: not flat, not black (the hosts' NaN)."""
+    assert image.std() > 8 and image.mean() > 4, (image.mean(), image.std())
+
+
+def assert_composed(info):
     params = info["extra_generation_params"]
     assert "LoRAtorio warning" not in params, params.get("LoRAtorio warning")
-    assert params["LoRAtorio patch size"] == "4" and params["LoRAtorio mode"] == "loratorio"
+    assert params["LoRAtorio mode"] in ("loratorio", "composite", "switch")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def expected_checkpoint():
+    if CHECKPOINT:
+        assert CHECKPOINT in options()["sd_model_checkpoint"], options()["sd_model_checkpoint"]
+
+
+def test_enabled_differs_from_plain_and_writes_infotext():
+    plain, _ = txt2img(ALL)
+    assert_contrast(plain[0])
+    composed, info = txt2img(ALL, [{"enabled": True, "patch_size": 4}])
+    assert_composed(info)
+    assert info["extra_generation_params"]["LoRAtorio patch size"] == "4"
     assert mean_diff(plain[0], composed[0]) > 0.5
 
 
 def test_single_lora_is_plain_lora():
     plain, _ = txt2img(f" <lora:{LORAS[0]}:1>")
+    assert_contrast(plain[0])
     single, info = txt2img(f" <lora:{LORAS[0]}:1>", [{"enabled": True, "recentre": 0.0}])
     assert mean_diff(plain[0], single[0]) <= 1.0  # 1/255 of the pixel range
     assert "needs 2 or more LoRAs" in info["extra_generation_params"]["LoRAtorio warning"]
@@ -78,29 +134,78 @@ def test_routed_lora_equals_host_merged_lora():
     LoRA b's text-encoder multiplier is 0, so both requests encode the prompt alike.
     """
     plain, _ = txt2img(f" <lora:{LORAS[0]}:1>")
+    assert_contrast(plain[0])
     routed, info = txt2img(f" <lora:{LORAS[0]}:1> <lora:{LORAS[1]}:0:1>",
                            [{"enabled": True, "mode": "switch", "switch_interval": 1000}])
-    assert "LoRAtorio warning" not in info["extra_generation_params"]
+    assert_composed(info)
     assert mean_diff(plain[0], routed[0]) <= 1.0
 
 
 def test_disabled_after_enabled_is_bit_identical():
-    before, _ = txt2img(TWO)
-    txt2img(TWO, [{"enabled": True}])
-    after, _ = txt2img(TWO, [False])
+    before, _ = txt2img(ALL)
+    txt2img(ALL, [{"enabled": True}])
+    after, _ = decode(post("/sdapi/v1/txt2img", {**BASE, "prompt": BASE["prompt"] + ALL,
+                                                "alwayson_scripts": {"LoRAtorio": {"args": [False]}}}))
     assert np.array_equal(before[0], after[0])
 
 
 def test_positional_args_and_timestep_sampler_with_batch_and_hires():
-    images, info = txt2img(TWO, [True, "loratorio", 4, 0.05, 0.5, 0, "cond", "auto", 5, 0.0, 1.0, False],
-                           sampler_name="DDIM", batch_size=2, enable_hr=True, hr_scale=1.5, hr_upscaler="Latent",
-                           denoising_strength=0.6, hr_second_pass_steps=3, **hires_extras())
-    assert len(images) == 2 and "LoRAtorio warning" not in info["extra_generation_params"]
+    images, info = txt2img(ALL, [True, "loratorio", 4, 0.05, 0.5, 0, "cond", "auto", 5, 0.0, 1.0, False],
+                           sampler_name="DDIM", batch_size=2, **HIRES, **hires_extras())
+    assert len(images) == 2 and images[0].shape[0] == int(SIZE * HIRES["hr_scale"])
+    assert_composed(info)
+    assert_contrast(images[1])
+
+
+def test_multistep_sampler_dpmpp_2m():
+    plain, _ = txt2img(ALL, sampler_name="DPM++ 2M")
+    assert_contrast(plain[0])
+    composed, info = txt2img(ALL, [{"enabled": True, "patch_size": 4}], sampler_name="DPM++ 2M")
+    assert_composed(info)
+    assert mean_diff(plain[0], composed[0]) > 0.5
+
+
+def test_img2img():
+    from PIL import Image
+
+    init, _ = txt2img("")
+    buf = io.BytesIO()
+    Image.fromarray(init[0].astype(np.uint8)).save(buf, format="PNG")
+    extra = {"init_images": [base64.b64encode(buf.getvalue()).decode()], "denoising_strength": 0.6}
+    plain, _ = img2img(ALL, **extra)
+    assert_contrast(plain[0])
+    composed, info = img2img(ALL, [{"enabled": True, "patch_size": 4}], **extra)
+    assert_composed(info)
+    assert mean_diff(plain[0], composed[0]) > 0.5
+
+
+def test_refiner_field_left_empty_is_no_model_swap():
+    images, info = txt2img(ALL, [{"enabled": True, "patch_size": 4}], refiner_checkpoint="", refiner_switch_at=0.8)
+    assert_composed(info)
+    assert_contrast(images[0])
+
+
+@pytest.mark.skipif(not TE_LORA, reason="set LORATORIO_TE_LORA to a LoRA with text-encoder parts")
+def test_text_encoder_lora_is_encoded_as_the_host_does():
+    """The TE parts change the prompt's encoding (the host loaded them); LoRAtorio leaves that encoding to the host:
+    routed (switch mode holding the TE LoRA) equals the host's own merge of it, text encoders included."""
+    with_te, _ = txt2img(f" <lora:{TE_LORA}:1>")
+    unet_only, _ = txt2img(f" <lora:{TE_LORA}:0:1>")
+    assert_contrast(with_te[0])
+    assert mean_diff(with_te[0], unet_only[0]) > 0.5
+    other = next(name for name in LORAS if name != TE_LORA)
+    routed, info = txt2img(f" <lora:{TE_LORA}:1> <lora:{other}:0:1>",
+                           [{"enabled": True, "mode": "switch", "switch_interval": 1000}])
+    assert_composed(info)
+    assert mean_diff(with_te[0], routed[0]) <= 1.0
+    composed, info = txt2img(f" <lora:{TE_LORA}:1> <lora:{other}:1>", [{"enabled": True, "patch_size": 4}])
+    assert_composed(info)
+    assert mean_diff(with_te[0], composed[0]) > 0.5
 
 
 def test_bad_value_is_an_error_and_the_server_keeps_serving():
     with pytest.raises(urllib.error.HTTPError) as err:
-        txt2img(TWO, [{"enabled": True, "patch_size": 0}])
+        txt2img(ALL, [{"enabled": True, "patch_size": 0}])
     assert "'patch_size' must be in [1, 128]" in err.value.read().decode()
-    images, _ = txt2img(TWO)
+    images, _ = decode(post("/sdapi/v1/txt2img", {**BASE, "prompt": BASE["prompt"] + ALL}))  # not the cached one
     assert images

@@ -9,6 +9,8 @@ import sys
 # optional dependencies (diffusers, matplotlib) never stop another from running.
 COMMANDS = {
     "speed": ("loratorio.bench.speed", "time and memory per step: plain, merged, LoRAtorio batched/sequential, floor"),
+    "memory": ("loratorio.bench.memory", "peak memory: plain LoRA vs LoRAtorio batched/chunked/sequential, chunks per "
+               "device budget"),
     "quality": ("loratorio.bench.quality", "composition score and quality of every method on the CPU miniature"),
     "train": ("loratorio.bench.train", "train the miniature (base model, skill LoRAs, judge) from scratch"),
     "formats": ("loratorio.bench.formats", "LoHa/LoKr from their factors vs a full-size ΔW, one SD-sized layer"),

@@ -28,6 +28,13 @@ from loratorio.core.fusion import (
     weighted_sum,
 )
 from loratorio.core.lora_file import adapters_for_model, kohya_name, to_adapter, to_state_dict
+from loratorio.core.memory import (
+    VALUES_PER_PIXEL,
+    Chunker,
+    MemoryBudget,
+    activation_peak,
+    is_out_of_memory,
+)
 from loratorio.core.modes import MODES, in_window, mode_recentre, mode_weights, switch_index
 from loratorio.core.routing import MultiAdapter, RoutingSlot, RowRouting
 from loratorio.core.settings import ARG_ORDER, Settings, settings_from_args
@@ -39,4 +46,5 @@ __all__ = [
     "patch_weights", "probe", "recentre_uncond", "Rescaled", "RoutingSlot", "RowRouting", "Settings",
     "settings_from_args", "softmin_weights", "switch_index", "to_adapter", "to_eps", "to_state_dict", "tree_map",
     "tree_repeat", "tucker", "weighted_sum",
+    "activation_peak", "Chunker", "is_out_of_memory", "MemoryBudget", "VALUES_PER_PIXEL",
 ]

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from loratorio.core.evaluate import batch_size, evaluate
 from loratorio.core.fusion import recentre_uncond, to_eps, weighted_sum
+from loratorio.core.memory import Chunker, MemoryBudget
 from loratorio.core.modes import mode_recentre, mode_weights, switch_index
 from loratorio.core.routing import MultiAdapter
 from loratorio.core.settings import Settings
@@ -52,11 +53,12 @@ class Composer:
     """Runs one mode of composition per step; keeps the last weight map for display (and for `reuse`)."""
 
     def __init__(self, router: MultiAdapter, settings: Settings, *, batched: bool = True,
-                 max_rows: int | None = None) -> None:
+                 max_rows: int | None = None, budget: MemoryBudget | None = None) -> None:
         self.router = router
         self.settings = settings
         self.batched = batched
-        self.max_rows = max_rows
+        # Splits the batched call to fit the device (budget: the host's free memory and peak estimate).
+        self.chunker = Chunker(budget, max_rows=max_rows)
         self.last_weights: Tensor | None = None
         self._weights_step: int | None = None  # the step last_weights were computed at
 
@@ -75,13 +77,14 @@ class Composer:
             return tuple(range(n))
         return (None, *range(n))
 
-    def predict(self, fn: Callable[[Any], Tensor], inputs: Any, step: int) -> Tensor:
+    def predict(self, fn: Callable[[Any], Tensor], inputs: Any, step: int, unit: int = 1) -> Tensor:
         """The step's model outputs for each of `groups(step)` (base included in LoRAtorio mode), as (G, B, ...).
 
         For hosts that evaluate and fuse at different moments; `fuse` with its default `base` takes this output.
+        unit: rows that must stay in one model call when the rows are split to fit memory.
         """
         return evaluate(fn, inputs, self.router, batched=self.batched, adapters=self.groups(step),
-                        max_rows=self.max_rows)
+                        chunker=self.chunker, unit=unit)
 
     def __call__(
         self,
@@ -97,7 +100,7 @@ class Composer:
         x, sigma: the host batch's noisy latent and sigma, (B, C, H, W) and (B,).
         """
         groups = self.groups(step, layout, batch_size(inputs))
-        preds = evaluate(fn, inputs, self.router, batched=self.batched, adapters=groups, max_rows=self.max_rows)
+        preds = evaluate(fn, inputs, self.router, batched=self.batched, adapters=groups, chunker=self.chunker)
         return self.fuse(preds, layout, step, x, sigma, base=groups[0] is None)
 
     def fuse(self, preds: Tensor, layout: BatchLayout, step: int, x: Tensor | None = None,

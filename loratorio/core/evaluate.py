@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from loratorio.core.memory import Chunker, first_tensor
 from loratorio.core.routing import MultiAdapter
 
 
@@ -39,25 +40,38 @@ def evaluate(
     batched: bool = True,
     adapters: tuple[int | None, ...] | None = None,
     max_rows: int | None = None,
+    chunker: Chunker | None = None,
+    unit: int = 1,
 ) -> Tensor:
     """Outputs of `fn(inputs)` for each group in `adapters` (None = base), stacked as (G, B, ...).
 
     Batched mode lays the groups out contiguously in one call of G·B rows (slices, no gathers); sequential mode makes
-    one call of B rows per group. `max_rows` caps a batched call's rows, splitting on group boundaries.
+    one call of B rows per group. `max_rows` caps a call's rows; a `chunker` splits the rows to fit device memory and
+    retries after out-of-memory errors, never splitting `unit` consecutive rows. Each row is evaluated once either
+    way, so chunks change no result.
     """
     groups = tuple(adapters) if adapters is not None else (None, *range(router.n_adapters))
     batch = batch_size(inputs)
-    per_call = 1 if not batched else len(groups)
-    if batched and max_rows:
-        per_call = max(1, min(len(groups), max_rows // max(batch, 1)))
-    outs = []
-    for start in range(0, len(groups), per_call):
-        chunk = groups[start:start + per_call]
-        labels = tuple(g for g in chunk for _ in range(batch))
+    chunker = chunker or Chunker(max_rows=max_rows)
+    latent = first_tensor(inputs)
+    shape = tuple(latent.shape[1:]) if latent is not None else None
+
+    def call(start: int, stop: int) -> Tensor:
+        labels = tuple(groups[row // batch] for row in range(start, stop))
         with router.routed(labels):
-            out = fn(tree_repeat(inputs, len(chunk)) if len(chunk) > 1 else inputs)
-        outs.append(out.reshape(len(chunk), batch, *out.shape[1:]))
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
+            return fn(rows_of(inputs, batch, start, stop))
+
+    out = chunker.run(call, len(groups) * batch, batch, shape, unit=unit, limit=None if batched else batch)
+    return out.reshape(len(groups), batch, *out.shape[1:])
+
+
+def rows_of(inputs: Any, batch: int, start: int, stop: int) -> Any:
+    """Rows [start, stop) of the inputs stacked once per group: whole copies by repeat, parts by index."""
+    if start % batch == 0 and stop % batch == 0:
+        copies = (stop - start) // batch
+        return tree_repeat(inputs, copies) if copies > 1 else inputs
+    index = torch.tensor([row % batch for row in range(start, stop)])
+    return tree_map(lambda t: t.index_select(0, index.to(t.device)) if t.dim() else t, inputs)
 
 
 def batch_size(inputs: Any) -> int:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from loratorio.core import (
+    VALUES_PER_PIXEL,
     Adapter,
     BatchLayout,
     Callback,
@@ -31,10 +32,12 @@ from loratorio.core import (
     LoKr,
     LowRank,
     Materialized,
+    MemoryBudget,
     MultiAdapter,
     NormDelta,
     Rescaled,
     Settings,
+    activation_peak,
     in_window,
     merged_weight,
     tree_map,
@@ -369,8 +372,28 @@ def unet_is_wrapped(unet: nn.Module) -> bool:
     return "forward" in vars(unet)
 
 
+def memory_budget(unet: nn.Module, sd_model: Any, device: torch.device | None = None) -> MemoryBudget:
+    """CUDA: free memory (the driver's free plus torch's cached free blocks) against the calibrated estimate.
+
+    Elsewhere there is no device budget (CPU: the model shares RAM with everything else; MPS: unified memory), and
+    only the out-of-memory retry applies.
+    """
+    param = next(unet.parameters(), None)
+    device = device or (param.device if param is not None else torch.device("cpu"))
+    dtype = param.dtype if param is not None and param.element_size() >= 2 else torch.float16  # fp8: fp16 compute
+    peak = activation_peak(VALUES_PER_PIXEL["sdxl" if getattr(sd_model, "is_sdxl", False) else "sd15"], dtype)
+    if device.type == "cuda":
+        def free() -> int:
+            return (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+                    - torch.cuda.memory_allocated(device))
+
+        return MemoryBudget(free, peak, torch.cuda.empty_cache)
+    release = torch.mps.empty_cache if device.type == "mps" else lambda: None
+    return MemoryBudget(lambda: None, peak, release)
+
+
 def install(p: Any, settings: Settings, *, sd_model: Any, networks_module: Any, base_denoiser_cls: type,
-            warn: Any) -> GenerationState | None:
+            warn: Any, device: torch.device | None = None) -> GenerationState | None:
     """Take over this sampling pass, or return None (with a warning) when LoRAtorio cannot or need not run."""
     networks = [n for n in networks_module.loaded_networks if n.unet_multiplier != 0]
     if len(networks) < 2:
@@ -395,8 +418,9 @@ def install(p: Any, settings: Settings, *, sd_model: Any, networks_module: Any, 
     tables = inject_fault(tables, names)
     batched = settings.evaluation == "batched" or (settings.evaluation == "auto" and not unet_is_wrapped(unet))
     router = MultiAdapter(unet, tables)
-    state = GenerationState(settings, networks_module, router, Composer(router, settings, batched=batched),
-                            uses_eps(denoiser, base_denoiser_cls), networks, denoiser=denoiser, warn=warn)
+    composer = Composer(router, settings, batched=batched, budget=memory_budget(unet, sd_model, device))
+    state = GenerationState(settings, networks_module, router, composer, uses_eps(denoiser, base_denoiser_cls),
+                            networks, denoiser=denoiser, warn=warn)
     state.original_wrap = denoiser.inner_model
     try:
         router.install()

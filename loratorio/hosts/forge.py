@@ -38,6 +38,7 @@ from loratorio.core import (
     LoKr,
     LowRank,
     Materialized,
+    MemoryBudget,
     MultiAdapter,
     NormDelta,
     Rescaled,
@@ -54,7 +55,7 @@ KEY = "loratorio"
 PREFIX = "diffusion_model."
 _MISSING = object()
 # model_options entries we set; restored when our own clone is cloned again (Forge's first hires call).
-_OPTIONS = ("model_function_wrapper", "sampler_cfg_function", "memory_peak_estimation_modifier")
+_OPTIONS = ("model_function_wrapper", "sampler_cfg_function")
 
 
 class Declined(Exception):
@@ -79,6 +80,8 @@ class Backend:
     kind: str
     merge: Callable[[list, Tensor, str], Tensor]  # the host's "apply these patch entries to this weight"
     load_file: Callable[[str, float], dict] | None = None  # reForge: one file's patches at a multiplier
+    free_memory: Callable[[torch.device], int] | None = None  # the memory manager's free bytes on a device
+    empty_cache: Callable[[], None] | None = None  # the memory manager's "free the allocator's cache"
 
     def remerge(self, unet: Any, token: _Token) -> None:
         """Give our clone back the host's LoRA patches and let the host merge them into the weights now."""
@@ -87,13 +90,17 @@ class Backend:
 
 def forge_backend() -> Backend:
     """Forge 2.x: merge_lora_to_weight from backend/patcher/lora.py; per-file patches are on the patcher."""
+    from backend import memory_management
     from backend.patcher.lora import merge_lora_to_weight
 
-    return Backend("forge", lambda entries, w, key: merge_lora_to_weight(entries, w, key, torch.float32))
+    return Backend("forge", lambda entries, w, key: merge_lora_to_weight(entries, w, key, torch.float32),
+                   free_memory=memory_management.get_free_memory,
+                   empty_cache=partial(memory_management.soft_empty_cache, force=True))
 
 
 def reforge_backend(sd_model: Any, networks_module: Any) -> Backend:
     """reForge: patches are merged per key, so each file is reloaded through the host's own loader (lru-cached)."""
+    from ldm_patched.modules import model_management
     from ldm_patched.modules.lora import calculate_weight
     from ldm_patched.modules.sd import load_lora_for_models
 
@@ -103,7 +110,8 @@ def reforge_backend(sd_model: Any, networks_module: Any) -> Backend:
                                           filename=filename)
         return patcher.patches
 
-    return Backend("reforge", lambda entries, w, key: calculate_weight(entries, w, key), load_file)
+    return Backend("reforge", lambda entries, w, key: calculate_weight(entries, w, key), load_file,
+                   model_management.get_free_memory, partial(model_management.soft_empty_cache, force=True))
 
 
 class _Token:
@@ -539,7 +547,11 @@ class GenerationState:
         kinds = list(args["cond_or_uncond"])
         b = x.shape[0] // len(kinds)
         tensors = {k: v for k, v in c.items() if k not in ("transformer_options", "control_model")}
-        preds = self.composer.predict(partial(_expanded_call, call, args, b), (x, sigma, tensors), rec.step)
+        # Which row of this host call each row is, so that a chunk's per-chunk options follow its rows; a host
+        # chunk's b rows stay in one call (the unit), as cond_or_uncond describes whole chunks.
+        row_ids = torch.arange(x.shape[0])
+        preds = self.composer.predict(partial(_expanded_call, call, args, b), (x, sigma, tensors, row_ids), rec.step,
+                                      unit=b)
         out = preds[0].clone()
         for i, kind in enumerate(kinds):
             rows = slice(i * b, (i + 1) * b)
@@ -662,21 +674,29 @@ def _call_through(apply_model: Callable, prev: Callable | None, args: dict) -> T
 
 
 def _expanded_call(call: Callable[[dict], Tensor], args: dict, b: int, inputs: tuple) -> Tensor:
-    """Call with `inputs` (G copies of the host's chunks); per-row transformer options repeated to match."""
-    x, sigma, tensors = inputs
-    copies = x.shape[0] // args["input"].shape[0]
+    """Call with `inputs`: whole host chunks of b rows, `rows` naming each row's row in the host's call.
+
+    The per-chunk transformer options (cond_or_uncond, uuids) and per-row ones (cond_mark, cond/uncond indices) are
+    rebuilt for these rows, so that patches reading them see a consistent call of their own.
+    """
+    x, sigma, tensors, rows = inputs
+    host_rows, host_kinds = args["input"].shape[0], list(args["cond_or_uncond"])
+    chunks = (rows[::b] // b).tolist()  # the host chunk each b rows come from
+    kinds = [host_kinds[i] for i in chunks]
     c = {**args["c"], **tensors}
-    kinds = list(args["cond_or_uncond"]) * copies
-    if copies > 1 and "transformer_options" in c:
+    same = x.shape[0] == host_rows and chunks == list(range(len(host_kinds)))
+    if not same and "transformer_options" in c:
         to = dict(c["transformer_options"])
         to["cond_or_uncond"] = kinds
-        if isinstance(to.get("cond_mark"), Tensor):
-            to["cond_mark"] = to["cond_mark"].repeat(copies)
+        mark = to.get("cond_mark")
+        if isinstance(mark, Tensor) and mark.dim() == 1 and mark.shape[0] == host_rows:
+            to["cond_mark"] = mark[rows.to(mark.device)]
         if "cond_indices" in to:
             to["cond_indices"] = [r for i, k in enumerate(kinds) if k == 0 for r in range(i * b, (i + 1) * b)]
             to["uncond_indices"] = [r for i, k in enumerate(kinds) if k != 0 for r in range(i * b, (i + 1) * b)]
-        if isinstance(to.get("uuids"), list):
-            to["uuids"] = to["uuids"] * copies
+        uuids = to.get("uuids")
+        if isinstance(uuids, list) and len(uuids) == len(host_kinds):
+            to["uuids"] = [uuids[i] for i in chunks]
         c["transformer_options"] = to
     return call({"input": x, "timestep": sigma, "c": c, "cond_or_uncond": kinds})
 
@@ -737,7 +757,7 @@ def _patch(p: Any, unet: Any, settings: Settings, sources: list[LoraSource], tab
     prev_wrapper, prev_cfg = options.get("model_function_wrapper"), options.get("sampler_cfg_function")
     batched = settings.evaluation == "batched" or (settings.evaluation == "auto" and prev_wrapper is None)
     router = MultiAdapter(unet.model.diffusion_model, [*tables, all_at_once(tables)])
-    composer = Composer(LoraView(router, len(tables)), settings, batched=batched)
+    composer = Composer(LoraView(router, len(tables)), settings, batched=batched, budget=memory_budget(unet, backend))
     state = GenerationState(settings, router, composer, sources, p.sampler.model_wrap_cfg, len(tables), batched,
                             warn=warn, unet=unet, backend=backend)
 
@@ -758,15 +778,28 @@ def _patch(p: Any, unet: Any, settings: Settings, sources: list[LoraSource], tab
     unet.add_conditioning_modifier(modifier)
     unet.set_model_unet_function_wrapper(wrapper)
     unet.set_model_sampler_cfg_function(cfg)
-    if batched:
-        groups = len(composer.groups(0))
-        estimate = options.get("memory_peak_estimation_modifier", unet.memory_required)
-        unet.set_memory_peak_estimation_modifier(lambda shape: estimate([shape[0] * groups, *shape[1:]]))
+    # The memory the host reserves for sampling stays its estimate for plain rows: the batched call is split to fit
+    # what is free, and a larger reservation would make the host offload weights, which costs more than a chunk.
     router.install()
     p.sd_model.forge_objects.unet = unet
     log.info("LoRAtorio (%s): %d LoRAs, mode %s, %s evaluation", backend.kind, len(sources), settings.mode,
              "batched" if batched else "sequential")
     return state
+
+
+def memory_budget(unet: Any, backend: Backend) -> MemoryBudget:
+    """The host's memory manager: free bytes on the UNet's device, and the model's own estimate of a call's peak.
+
+    On the CPU (`--always-cpu`) there is no device budget: the manager would report the system's free RAM, which the
+    model, the OS and other programs share; only the out-of-memory retry applies there.
+    """
+    device = getattr(unet, "load_device", None)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    release = backend.empty_cache or (lambda: None)
+    if device.type == "cpu" or backend.free_memory is None:
+        return MemoryBudget(lambda: None, lambda rows, shape: 0.0, release)
+    return MemoryBudget(lambda: backend.free_memory(device),
+                        lambda rows, shape: unet.model.memory_required([rows, *shape]), release)
 
 
 def refuse(p: Any, message: str) -> Callable[[], None]:
