@@ -1,7 +1,7 @@
 """LoRAtorio's host-independent core: pure PyTorch and the standard library, never a WebUI module."""
 
 from loratorio.core.adapters import Adapter, Callback, Dense, LowRank, merged_weight
-from loratorio.core.engine import BatchLayout, Composer
+from loratorio.core.engine import BatchLayout, Composer, FastRules
 from loratorio.core.evaluate import evaluate, tree_map, tree_repeat
 from loratorio.core.fusion import (
     compose,
@@ -13,14 +13,16 @@ from loratorio.core.fusion import (
     weighted_sum,
 )
 from loratorio.core.lora_file import adapters_for_model, kohya_name, to_adapter, to_state_dict
+from loratorio.core.masked import RowMasks
 from loratorio.core.modes import MODES, in_window, mode_recentre, mode_weights, switch_index
 from loratorio.core.routing import MultiAdapter, RoutingSlot, RowRouting
 from loratorio.core.settings import ARG_ORDER, Settings, settings_from_args
 
 __all__ = [
     "ARG_ORDER", "MODES", "Adapter", "adapters_for_model", "BatchLayout", "Callback", "compose", "Composer",
-    "Dense", "evaluate", "in_window", "kohya_name", "LowRank", "merged_weight", "mode_recentre", "mode_weights",
-    "MultiAdapter", "patch_similarity", "patch_weights", "recentre_uncond", "RoutingSlot", "RowRouting",
+    "Dense", "evaluate", "FastRules", "in_window", "kohya_name", "LowRank", "merged_weight", "mode_recentre",
+    "mode_weights",
+    "MultiAdapter", "patch_similarity", "patch_weights", "recentre_uncond", "RoutingSlot", "RowMasks", "RowRouting",
     "Settings", "settings_from_args", "softmin_weights", "switch_index", "to_adapter", "to_eps", "to_state_dict",
     "tree_map", "tree_repeat", "weighted_sum",
 ]

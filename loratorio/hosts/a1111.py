@@ -87,6 +87,8 @@ class StepRecord:
     sigma_in: Tensor | None = None
     step: int = 0
     preds: list[Tensor] = field(default_factory=list)
+    fast: bool = False  # one masked pass per call (speed fast between full steps)
+    rows_done: int = 0  # rows of this step's calls so far: where the next call's masks start
 
 
 def cond_layout(x_in: Tensor, n_cond: int, n_images: int) -> BatchLayout:
@@ -202,7 +204,9 @@ class GenerationState:
         if not self.active(step, total):
             return
         try:
-            self.record = StepRecord(cond_layout(x_in, n_cond, n_images), x_in, sigma_in, step)
+            layout = cond_layout(x_in, n_cond, n_images)
+            self.record = StepRecord(layout, x_in, sigma_in, step,
+                                     fast=self.composer.fast_step(step, len(layout.cond_rows)))
         except Declined as exc:
             self.fail(str(exc))
 
@@ -215,6 +219,8 @@ class GenerationState:
             # When A1111 skips the uncond rows it cuts x and sigma but not image_cond; the model reads only the
             # first len(x) rows of it, so cutting here keeps every tensor row-aligned for batching.
             kwargs = tree_map(lambda t: t[: x.shape[0]] if t.dim() and t.shape[0] > x.shape[0] else t, kwargs)
+            if rec.fast:
+                return self.fast_call(inner, x, sigma, kwargs)
             with self.base_weights():
                 preds = self.composer.predict(lambda a: inner(a[0], a[1], **a[2]), (x, sigma, kwargs), rec.step)
         except Exception as exc:  # noqa: BLE001 - host boundary: any failure means plain sampling, not a crash
@@ -224,9 +230,23 @@ class GenerationState:
         rec.preds.append(preds)
         return preds[0]
 
+    def fast_call(self, inner: Any, x: Tensor, sigma: Tensor, kwargs: dict) -> Tensor:
+        """Speed fast: this call's rows in one pass, each LoRA masked by the last weight map (the host's calls cover
+        the step's rows in order, so a running offset finds each call's rows)."""
+        rec = self.record
+        layout = rec.layout
+        total = len(layout.cond_rows) + len(layout.uncond_rows)
+        masks = self.composer.row_masks(layout, total)[:, rec.rows_done:rec.rows_done + x.shape[0]]
+        with self.base_weights(), self.router.masked(self.composer.masks(masks)):
+            out = inner(x, sigma, **kwargs)
+        rec.rows_done += x.shape[0]
+        return out
+
     def end_step(self, x_out: Tensor) -> None:
         """cfg_denoised callback: fuse the recorded predictions into the host's x_out, in place."""
         rec, self.record = self.record, StepRecord()
+        if rec.fast and self.failed is None:
+            self.accumulate_maps(rec.layout)  # the host's x_out already holds the masked pass's predictions
         if rec.layout is None or self.failed is not None or not rec.preds:
             return
         try:
@@ -307,8 +327,8 @@ def install(p: Any, settings: Settings, *, sd_model: Any, networks_module: Any, 
     except BaseException:
         remove(state)
         raise
-    log.info("LoRAtorio: %d LoRAs, mode %s, %s evaluation", len(networks), settings.mode,
-             "batched" if batched else "sequential")
+    log.info("LoRAtorio: %d LoRAs, mode %s, %s evaluation, speed %s", len(networks), settings.mode,
+             "batched" if batched else "sequential", settings.speed)
     return state
 
 
