@@ -21,7 +21,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from loratorio.core import BatchLayout, Composer, LowRank, MultiAdapter, Settings, evaluate, merged_weight, tree_repeat
+from loratorio.core import (
+    BatchLayout,
+    Composer,
+    FastRules,
+    LowRank,
+    MultiAdapter,
+    Settings,
+    evaluate,
+    merged_weight,
+    tree_repeat,
+)
+from loratorio.core.masked import TEXT_RULES
 
 SD15 = {"sample_size": 64, "block_out_channels": (320, 640, 1280, 1280), "cross_attention_dim": 768,
         "attention_head_dim": 8, "layers_per_block": 2}
@@ -219,7 +230,7 @@ def measure(rows: Sequence[Row], repeats: int, warmup: int, device: torch.device
 
 
 def rows_for(unet: nn.Module, loras: list[dict[str, LowRank]], inputs: tuple,
-             merger: Merger, kinds: Sequence[str] = KINDS) -> list[Row]:
+             merger: Merger, kinds: Sequence[str] = KINDS, rules: FastRules | None = None) -> list[Row]:
     """The kinds of step for N = len(loras), in the order they are interleaved."""
     fn, n = model_fn(unet), len(loras)
     router = MultiAdapter(unet, loras)
@@ -227,7 +238,7 @@ def rows_for(unet: nn.Module, loras: list[dict[str, LowRank]], inputs: tuple,
     x, sigma = inputs[0], torch.full((2,), 5.0, device=inputs[0].device)
     composers = {b: Composer(router, Settings(enabled=True), batched=b) for b in (False, True)}
     # A fast step right after a full one (step 0 computes Ω, step 1 reuses it as masks), as sampling meets it.
-    fast = Composer(router, Settings(enabled=True, speed="fast", full_every=100))
+    fast = Composer(router, Settings(enabled=True, speed="fast", full_every=100), fast_rules=rules or FastRules())
     floor_inputs = tree_repeat(inputs, n + 1)
     with router:
         preds = evaluate(fn, inputs, router, batched=True)
@@ -262,8 +273,9 @@ def run_speed(args: argparse.Namespace) -> dict[str, Any]:
         for n in args.n:
             loras = make_loras(unet, names, n, args.rank, args.seed + n)
             clock = time.process_time if args.clock == "cpu" else time.perf_counter
-            rows = measure(rows_for(unet, loras, inputs, merger, args.kinds), args.repeats, args.warmup, device,
-                           clock)
+            rules = FastRules(text=args.fast_text)
+            rows = measure(rows_for(unet, loras, inputs, merger, args.kinds, rules), args.repeats, args.warmup,
+                           device, clock)
             per_n[str(n)] = summarise(rows, loras, args.steps, args.full_every)
             print(f"N={n} done: " + ", ".join(f"{k} {v:.3f}" for k, v in per_n[str(n)].items()
                                               if isinstance(v, float) and "_over_" in k), flush=True)
@@ -413,6 +425,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="sampling steps for the whole-run fast/merged ratio")
     p.add_argument("--full-every", type=int, nargs="+", default=[2, 4, 6, 8],
                    help="speed fast's full-step intervals to report fast/merged for")
+    p.add_argument("--fast-text", choices=TEXT_RULES, default=FastRules().text,
+                   help="speed fast's cross-attention rule (FastRules.text)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="cpu: this process's CPU time, steadier on a shared CPU machine (use with --threads 1)")
     args = p.parse_args(argv)

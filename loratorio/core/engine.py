@@ -64,7 +64,7 @@ class FastRules:
     flat: str = "share"
     text: str = "blend"
     uncond: str = "scaled"
-    correct: bool = False
+    warmup: int = 1
 
 
 class Composer:
@@ -119,28 +119,17 @@ class Composer:
         """
         batch = batch_size(inputs)
         if self.fast_step(step, len(layout.cond_rows)):
-            out = self.fast(fn, inputs, layout, batch)
-            if self.fast_rules.correct and getattr(self, "_delta", None) is not None:
-                d = self._delta
-                out = out - sigma.view(-1, 1, 1, 1) * d if x is not None else out + d
-            return out
+            return self.fast(fn, inputs, layout, batch)
         groups = self.groups(step, layout, batch)
         preds = evaluate(fn, inputs, self.router, batched=self.batched, adapters=groups, max_rows=self.max_rows)
-        fused = self.fuse(preds, layout, step, x, sigma, base=groups[0] is None)
-        if self.fast_rules.correct and self.settings.speed == "fast":
-            masked = self.fast(fn, inputs, layout, batch)
-            if x is not None:
-                self._delta = (masked - fused) / sigma.view(-1, 1, 1, 1)
-            else:
-                self._delta = fused - masked
-        return fused
+        return self.fuse(preds, layout, step, x, sigma, base=groups[0] is None)
 
     def fast_step(self, step: int, n_cond: int) -> bool:
         """Whether `speed` fast runs this step as one masked pass: within `full_every` steps of the last full one,
         whose Ω has one map per cond row."""
         s, last, w = self.settings, self._full_step, self.last_weights
         return (s.speed == "fast" and s.mode == "loratorio" and w is not None and last is not None
-                and 0 < step - last < s.full_every and w.shape[1] == n_cond)
+                and step >= self.fast_rules.warmup and 0 < step - last < s.full_every and w.shape[1] == n_cond)
 
     def row_masks(self, layout: BatchLayout, batch: int, weights: Tensor | None = None) -> Tensor:
         """Fast mode's per-row weights (N, batch, 1, H, W) from Ω (default: the last): cond rows their own map; each
