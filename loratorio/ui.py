@@ -11,10 +11,10 @@ from typing import Any
 from loratorio.core import ARG_ORDER, Settings
 from loratorio.core.settings import infotext_key
 
-ADVANCED = ("reference", "evaluation", "switch_interval", "start", "end", "reuse")
+ADVANCED = ("reference", "evaluation", "switch_interval", "start", "end", "reuse", "full_every")
 STEPS = {"patch_size": 1, "temperature": 0.005, "recentre": 0.05, "top_k": 1, "switch_interval": 1, "start": 0.05,
-         "end": 0.05, "reuse": 1}
-SLIDER_MAX = {"patch_size": 32, "temperature": 1.0, "top_k": 8, "switch_interval": 50, "reuse": 20}
+         "end": 0.05, "reuse": 1, "full_every": 1}
+SLIDER_MAX = {"patch_size": 32, "temperature": 1.0, "top_k": 8, "switch_interval": 50, "reuse": 20, "full_every": 20}
 
 
 def _component(gr: Any, f: dataclasses.Field, elem_id: str) -> Any:
@@ -39,7 +39,7 @@ def build(gr: Any, input_accordion: Any, is_img2img: bool) -> list[Any]:
     with input_accordion(False, label="LoRAtorio", elem_id=elem_id) as enabled:
         made["enabled"] = enabled
         with gr.Row():
-            for name in ("mode", "patch_size", "temperature"):
+            for name in ("mode", "speed", "patch_size", "temperature"):
                 made[name] = _component(gr, fields[name], elem_id)
         with gr.Row():
             for name in ("recentre", "top_k", "show_maps"):

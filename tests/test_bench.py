@@ -59,14 +59,31 @@ def test_speed_report_on_a_stand_in_unet(monkeypatch, tmp_path, capsys):
         t = {k: v["median_s"] for k, v in r["rows"].items()}
         assert r["batched_over_floor"] == pytest.approx(t["batched"] / t["floor"])
         assert r["sequential_over_batched"] == pytest.approx(t["sequential"] / t["batched"])
+        assert r["full_over_merged"] == pytest.approx(t["batched"] / t["merged"])
+        # 20 steps with a full one every 4 (steps 0, 4, 8, 12, 16): 5 full steps and 15 fast ones.
+        run = 5 * t["batched"] + 15 * t["fast"]
+        assert r["fast_over_merged"]["4"] == pytest.approx(run / (20 * t["merged"]))
         assert r["lora_factors_mib"] > 0
+    evals = report["per_n"]["3"]["row_evaluations_per_image_step"]["4"]
+    assert evals == {"merged": 2.0, "full": 8.0, "fast": pytest.approx((5 * 8 + 15 * 2) / 20)}
     printed = capsys.readouterr().out
-    assert "batched/floor" in printed
+    assert "batched/floor" in printed and "fast/merged (full every 4)" in printed
     try:
         import matplotlib  # noqa: F401
         assert (tmp_path / "p.png").stat().st_size > 0
     except ImportError:
         assert "matplotlib is not installed" in printed
+
+
+def test_speed_times_only_the_kinds_asked_for(monkeypatch, tmp_path):
+    monkeypatch.setattr(speed, "load_unet_class", lambda: FakeUNet)
+    out = tmp_path / "r.json"
+    argv = ["speed", "--device", "cpu", "--tiny", "--latent", "4", "--n", "2", "--repeats", "1", "--warmup", "0",
+            "--kinds", "merged", "batched", "fast", "--full-every", "8", "--json", str(out)]
+    assert bench_main(argv) == 0
+    r = json.loads(out.read_text())["per_n"]["2"]
+    assert set(r["rows"]) == {"merged", "remerge", "batched", "fast"} and list(r["fast_over_merged"]) == ["8"]
+    assert "batched_over_floor" not in r
 
 
 def test_merger_restores_the_base_weights():

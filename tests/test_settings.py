@@ -22,6 +22,8 @@ def test_defaults_are_valid_and_disabled():
     ("mode", "merge", "'mode' must be one of"),
     ("reference", "x", "'reference' must be one of"),
     ("evaluation", "fast", "'evaluation' must be one of"),
+    ("speed", "turbo", "'speed' must be one of"),
+    ("full_every", 0, r"'full_every' must be in \[1, 100\]"),
     ("patch_size", 2.5, "'patch_size' must be a int"),
     ("enabled", "yes", "'enabled' must be a bool"),
     ("patch_size", True, "'patch_size' must be a int"),
@@ -50,10 +52,12 @@ def test_dict_round_trip_and_coercion():
 
 def test_infotext_round_trip():
     s = Settings(enabled=True, mode="switch", patch_size=4, temperature=0.125, recentre=0.3, top_k=2,
-                 reference="uncond", evaluation="sequential", switch_interval=3, start=0.1, end=0.9, reuse=3)
+                 reference="uncond", evaluation="sequential", switch_interval=3, start=0.1, end=0.9, reuse=3,
+                 speed="fast", full_every=5)
     text = s.to_infotext()
     assert text["LoRAtorio patch size"] == "4" and text["LoRAtorio temperature"] == "0.125"
     assert text["LoRAtorio reuse steps"] == "3"
+    assert text["LoRAtorio speed"] == "fast" and text["LoRAtorio full every"] == "5"
     assert all(isinstance(v, str) for v in text.values())
     assert Settings.from_infotext(text) == s
     assert Settings.from_infotext({"Steps": "20"}) == Settings()
@@ -64,3 +68,12 @@ def test_every_field_reaches_the_infotext_or_is_ui_only():
     keys = Settings(enabled=True).to_infotext()
     names = {f.name for f in dataclasses.fields(Settings)}
     assert len(keys) == len(names - {"enabled", "show_maps"})
+
+
+def test_speed_settings_come_after_reuse_in_the_positional_order():
+    from loratorio.core import ARG_ORDER, settings_from_args
+
+    assert ARG_ORDER[ARG_ORDER.index("reuse") + 1:ARG_ORDER.index("reuse") + 3] == ("speed", "full_every")
+    s = settings_from_args([True, "loratorio", 8, 0.05, 0.5, 0, "cond", "auto", 5, 0.0, 1.0, False, 0, "fast", 6])
+    assert (s.speed, s.full_every) == ("fast", 6)
+    assert settings_from_args([True]).speed == Settings().speed

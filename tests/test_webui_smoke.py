@@ -209,3 +209,33 @@ def test_bad_value_is_an_error_and_the_server_keeps_serving():
     assert "'patch_size' must be in [1, 128]" in err.value.read().decode()
     images, _ = decode(post("/sdapi/v1/txt2img", {**BASE, "prompt": BASE["prompt"] + ALL}))  # not the cached one
     assert images
+
+
+def test_fast_speed_composes_without_warning_and_writes_infotext():
+    full, _ = txt2img(ALL, [{"enabled": True, "patch_size": 4}])
+    plain, _ = txt2img(ALL)
+    fast, info = txt2img(ALL, [{"enabled": True, "patch_size": 4, "speed": "fast", "full_every": 2}])
+    params = info["extra_generation_params"]
+    assert "LoRAtorio warning" not in params, params.get("LoRAtorio warning")
+    assert params["LoRAtorio speed"] == "fast" and params["LoRAtorio full every"] == "2"
+    assert fast[0].std() > 1.0 and np.isfinite(fast[0]).all()  # a real image, not flat
+    assert mean_diff(fast[0], full[0]) > 0.0  # steps 1 and 3 were one masked pass, not base + every LoRA
+    assert mean_diff(fast[0], plain[0]) > 0.5  # and not the host's merge
+
+
+def test_fast_speed_with_a_full_step_every_step_is_full_speed():
+    full, _ = txt2img(ALL, [{"enabled": True, "patch_size": 4}])
+    every, info = txt2img(ALL, [{"enabled": True, "patch_size": 4, "speed": "fast", "full_every": 1}])
+    assert "LoRAtorio warning" not in info["extra_generation_params"]
+    assert np.array_equal(full[0], every[0])
+
+
+def test_fast_speed_positional_with_and_prompt_batch_hires_and_timestep_sampler():
+    args = [True, "loratorio", 4, 0.05, 0.5, 0, "cond", "auto", 5, 0.0, 1.0, False, 0, "fast", 2]
+    images, info = txt2img(ALL + " AND a dog", args, sampler_name="DDIM", batch_size=2, enable_hr=True, hr_scale=1.5,
+                           hr_upscaler="Latent", denoising_strength=0.6, hr_second_pass_steps=3, **hires_extras())
+    params = info["extra_generation_params"]
+    assert len(images) == 2 and "LoRAtorio warning" not in params, params.get("LoRAtorio warning")
+    assert params["LoRAtorio speed"] == "fast"
+    images, info = txt2img(ALL, args, sampler_name="DPM++ 2M", cfg_scale=1.0, steps=5)
+    assert "LoRAtorio warning" not in info["extra_generation_params"]

@@ -8,8 +8,10 @@ scores whether each requested skill is present. Also sweeps LoRAtorio's patch si
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,7 +20,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from loratorio.core import Settings
+from loratorio.core import FastRules, Settings
+from loratorio.core.masked import FLAT_RULES, TEXT_RULES
 from loratorio.miniworld.bundle import WEIGHTS, Miniature, load
 from loratorio.miniworld.judge import composition_score, confidence, frechet_distance, requested_present
 from loratorio.miniworld.model import LATENT
@@ -28,7 +31,8 @@ from loratorio.miniworld.world import CATEGORIES, SKILL_TOKENS, Attributes, comp
 log = logging.getLogger(__name__)
 
 LABELS = {"base": "Base (no LoRA)", "merge": "Merge", "switch": "Switch", "composite": "Composite",
-          "loratorio": "LoRAtorio", "loratorio_dynamic": "LoRAtorio-dynamic (8 loaded, top-k=N)",
+          "loratorio": "LoRAtorio", "loratorio_fast": "LoRAtorio fast",
+          "loratorio_dynamic": "LoRAtorio-dynamic (8 loaded, top-k=N)",
           "merge_all": "Merge-all (8 loaded)", "real": "Real renders (judge ceiling)"}
 # SD1.5's default patch of 8 latent px is 1/8 of its 64-px latent side; the same fraction of our 16-px latent is 2.
 SIDE_FRACTION_DEFAULT = LATENT[-1] // 8
@@ -49,9 +53,12 @@ class Cell:
         present, requested = torch.cat(self.present), torch.cat(self.requested)
         per_cat = {c: float(present[:, i].sum() / requested[:, i].sum().clamp_min(1))
                    for i, c in enumerate(CATEGORIES)}
-        return {"score": float(torch.cat(self.scores).mean()), "confidence": float(torch.cat(self.confidence).mean()),
+        scores = torch.cat(self.scores)
+        return {"score": float(scores.mean()), "se": float(scores.std() / math.sqrt(len(scores))),
+                "confidence": float(torch.cat(self.confidence).mean()),
                 "fd": frechet_distance(torch.cat(self.features), torch.cat(self.real_features)),
-                "images": len(present), **{f"present_{c}": v for c, v in per_cat.items()}}
+                "images": len(present), **{f"present_{c}": v for c, v in per_cat.items()},
+                "per_image": [round(float(v), 4) for v in scores]}
 
 
 def seeds_for(set_index: int, n: int, per_set: int, seed0: int) -> list[int]:
@@ -104,14 +111,42 @@ def mean_over_n(cells: dict[int, dict[str, float]], key: str) -> float:
     return sum(c[key] for c in cells.values()) / len(cells)
 
 
+def label(method: str) -> str:
+    """A table row's name; 'loratorio_fast@4' is LoRAtorio fast with a full step every 4."""
+    name, _, every = method.partition("@")
+    return LABELS.get(name, name) + (f" (full every {every})" if every else "")
+
+
 def format_table(table: dict[str, dict[int, dict[str, float]]], ns: Sequence[int]) -> str:
-    """Markdown table: composition score per N and averaged, then judge confidence and feature FD (averaged)."""
+    """Markdown table: composition score ± standard error per N and averaged, judge confidence and feature FD."""
     head = "| Method | " + " | ".join(f"N={n}" for n in ns) + " | Avg | Confidence | FD to real |"
     lines = [head, "|" + "---|" * (len(ns) + 4)]
     for method, cells in table.items():
-        scores = " | ".join(f"{cells[n]['score']:.3f}" for n in ns)
-        lines.append(f"| {LABELS.get(method, method)} | {scores} | {mean_over_n(cells, 'score'):.3f} | "
+        scores = " | ".join(f"{cells[n]['score']:.3f} ± {cells[n]['se']:.3f}" for n in ns)
+        avg_se = math.sqrt(sum(cells[n]["se"] ** 2 for n in ns)) / len(ns)
+        lines.append(f"| {label(method)} | {scores} | {mean_over_n(cells, 'score'):.3f} ± {avg_se:.3f} | "
                      f"{mean_over_n(cells, 'confidence'):.3f} | {mean_over_n(cells, 'fd'):.2f} |")
+    return "\n".join(lines)
+
+
+def paired_difference(cells: dict[int, dict], ref: dict[int, dict], n: int) -> tuple[float, float]:
+    """Mean and standard error of per-image score differences (same seeds and noise for both methods)."""
+    d = torch.tensor(cells[n]["per_image"]) - torch.tensor(ref[n]["per_image"])
+    return float(d.mean()), float(d.std() / math.sqrt(len(d)))
+
+
+def format_fast(table: dict[str, dict[int, dict[str, float]]], ns: Sequence[int]) -> str:
+    """Speed fast against full LoRAtorio, image by image: the paired difference of scores ± its standard error."""
+    fast = [m for m in table if m.startswith("loratorio_fast")]
+    if "loratorio" not in table or not fast:
+        return ""
+    lines = ["| fast − full LoRAtorio | " + " | ".join(f"N={n}" for n in ns) + " | Avg |",
+             "|" + "---|" * (len(ns) + 2)]
+    for method in fast:
+        diffs = [paired_difference(table[method], table["loratorio"], n) for n in ns]
+        avg, avg_se = sum(d for d, _ in diffs) / len(ns), math.sqrt(sum(se**2 for _, se in diffs)) / len(ns)
+        lines.append(f"| {label(method)} | " + " | ".join(f"{d:+.3f} ± {se:.3f}" for d, se in diffs) +
+                     f" | {avg:+.3f} ± {avg_se:.3f} |")
     return "\n".join(lines)
 
 
@@ -156,7 +191,7 @@ def plot(path: Path, table: dict[str, dict[int, dict[str, float]]], ns: Sequence
     fig, axes = plt.subplots(1, 2 if sweep else 1, figsize=(13 if sweep else 8, 4), squeeze=False)
     ax = axes[0][0]
     for method, cells in table.items():
-        ax.plot(list(ns), [cells[n]["score"] for n in ns], marker="o", label=LABELS.get(method, method))
+        ax.plot(list(ns), [cells[n]["score"] for n in ns], marker="o", label=label(method))
     ax.set(xlabel="N (skills per prompt)", ylabel="composition score", title="Miniature ComposLoRA", xticks=list(ns),
            ylim=(0, 1.05))
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -186,6 +221,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=0.05)
     parser.add_argument("--recentre", type=float, default=0.5)
     parser.add_argument("--switch-interval", type=int, default=1)
+    parser.add_argument("--full-every", type=int, nargs="+", default=[2, 4, 8],
+                        help="loratorio_fast: one row per full-step interval")
+    defaults = FastRules()
+    parser.add_argument("--fast-text", choices=TEXT_RULES, default=defaults.text,
+                        help="loratorio_fast: cross-attention's rule (see FastRules)")
+    parser.add_argument("--fast-flat", choices=FLAT_RULES, default=defaults.flat,
+                        help="loratorio_fast: the rule of layers with no spatial output (time embedding)")
+    parser.add_argument("--fast-uncond", choices=("scaled", "rows"), default=defaults.uncond,
+                        help="loratorio_fast: the re-centred negative in the masked rows, or in extra base rows")
     parser.add_argument("--sweep-patch", type=int, nargs="*", default=[1, 2, 4, 8, 16])
     parser.add_argument("--sweep-temperature", type=float, nargs="*", default=[0.01, 0.05, 0.2, 1.0])
     parser.add_argument("--sweep-per-set", type=int, default=1, help="seeds per set in the sweep (52 images a point)")
@@ -198,15 +242,20 @@ def main(argv: list[str] | None = None) -> int:
     mini = load(args.weights)
     settings = Settings(enabled=True, patch_size=args.patch_size, temperature=args.temperature,
                         recentre=args.recentre, switch_interval=args.switch_interval)
-    config = SampleConfig(args.steps, args.cfg, settings)
+    config = SampleConfig(args.steps, args.cfg, settings, FastRules(args.fast_flat, args.fast_text, args.fast_uncond))
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     table: dict[str, dict[int, dict[str, float]]] = {}
-    for method in args.methods:
+    runs = [(m, config) for m in args.methods if m != "loratorio_fast"]
+    if "loratorio_fast" in args.methods:
+        runs += [(f"loratorio_fast@{k}", dataclasses.replace(
+            config, settings=dataclasses.replace(settings, full_every=k))) for k in args.full_every]
+    for name, cfg in runs:
         t = time.perf_counter()
-        table[method] = evaluate_method(mini, method, args.ns, args.per_set, args.seed, config)
-        timings[method] = time.perf_counter() - t
-        log.info("%s done in %.0f s: %s", method, timings[method], table[method])
+        table[name] = evaluate_method(mini, name.partition("@")[0], args.ns, args.per_set, args.seed, cfg)
+        timings[name] = time.perf_counter() - t
+        log.info("%s done in %.0f s: %s", name, timings[name],
+                 {n: round(c["score"], 4) for n, c in table[name].items()})
     fidelity = single_lora_fidelity(mini, args.per_set, args.seed, config)
     sweep = []
     if args.sweep_patch and args.sweep_temperature:
@@ -216,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         timings["sweep"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     print(format_table(table, args.ns))
+    if format_fast(table, args.ns):
+        print("\nSpeed fast against full LoRAtorio (paired by image):\n" + format_fast(table, args.ns))
     print("\nSingle LoRA alone (N=1), score per skill:", json.dumps({k: round(v, 3) for k, v in fidelity.items()}))
     if sweep:
         print("\nLoRAtorio sweep, mean composition score over N:\n" + format_sweep(sweep, args.sweep_patch,

@@ -21,7 +21,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from loratorio.core import BatchLayout, Composer, LowRank, MultiAdapter, Settings, evaluate, merged_weight, tree_repeat
+from loratorio.core import (
+    BatchLayout,
+    Composer,
+    FastRules,
+    LowRank,
+    MultiAdapter,
+    Settings,
+    evaluate,
+    merged_weight,
+    tree_repeat,
+)
+from loratorio.core.masked import TEXT_RULES
 
 SD15 = {"sample_size": 64, "block_out_channels": (320, 640, 1280, 1280), "cross_attention_dim": 768,
         "attention_head_dim": 8, "layers_per_block": 2}
@@ -39,10 +50,11 @@ TINY = {"sample_size": 8, "block_out_channels": (32, 64), "cross_attention_dim":
 
 # kohya's usual SD targets: attention projections, feed-forward, resnet convs.
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "conv1", "conv2")
-KINDS = ("base", "merged", "remerge", "sequential", "batched", "floor", "fusion")
-LABELS = {"base": "plain base, batch 2", "merged": "merged LoRAs, batch 2", "remerge": "re-merge on LoRA change",
-          "sequential": "LoRAtorio sequential", "batched": "LoRAtorio batched", "floor": "floor: base, 2(N+1) rows",
-          "fusion": "fusion alone"}
+KINDS = ("base", "merged", "remerge", "sequential", "batched", "fast", "floor", "fusion")
+LABELS = {"base": "plain base, batch 2", "merged": "merged LoRAs, batch 2 (plain LoRA)",
+          "remerge": "re-merge on LoRA change", "sequential": "LoRAtorio sequential",
+          "batched": "LoRAtorio full step (batched)", "fast": "LoRAtorio fast step (masked, batch 2)",
+          "floor": "floor: base, 2(N+1) rows", "fusion": "fusion alone"}
 
 
 def load_unet_class() -> type:
@@ -218,25 +230,33 @@ def measure(rows: Sequence[Row], repeats: int, warmup: int, device: torch.device
 
 
 def rows_for(unet: nn.Module, loras: list[dict[str, LowRank]], inputs: tuple,
-             merger: Merger) -> list[Row]:
-    """The six kinds of step for N = len(loras), in the order they are interleaved."""
+             merger: Merger, kinds: Sequence[str] = KINDS, rules: FastRules | None = None) -> list[Row]:
+    """The kinds of step for N = len(loras), in the order they are interleaved."""
     fn, n = model_fn(unet), len(loras)
     router = MultiAdapter(unet, loras)
     layout = BatchLayout.cond_then_uncond(1)
     x, sigma = inputs[0], torch.full((2,), 5.0, device=inputs[0].device)
     composers = {b: Composer(router, Settings(enabled=True), batched=b) for b in (False, True)}
+    # A fast step right after a full one (step 0 computes Ω, step 1 reuses it as masks), as sampling meets it.
+    fast = Composer(router, Settings(enabled=True, speed="fast", full_every=100), fast_rules=rules or FastRules())
     floor_inputs = tree_repeat(inputs, n + 1)
     with router:
         preds = evaluate(fn, inputs, router, batched=True)
-    return [
+        if "fast" in kinds:
+            fast(fn, inputs, layout, 0, x, sigma)
+    rows = [
         Row("base", lambda: fn(inputs)),
         Row("remerge", lambda: merger.merge(loras)),
         Row("merged", lambda: fn(inputs), cleanup=merger.restore),
         Row("sequential", lambda: composers[False](fn, inputs, layout, 0, x, sigma), router.install, router.remove),
         Row("batched", lambda: composers[True](fn, inputs, layout, 0, x, sigma), router.install, router.remove),
+        Row("fast", lambda: fast(fn, inputs, layout, 1, x, sigma), router.install, router.remove),
         Row("floor", lambda: fn(floor_inputs)),
         Row("fusion", lambda: composers[True].fuse(preds, layout, 0, x, sigma)),
     ]
+    # "merged" needs the merge that "remerge" makes (restored after it): they go together.
+    wanted = set(kinds) | ({"remerge"} if "merged" in kinds else set())
+    return [row for row in rows if row.name in wanted]
 
 
 def run_speed(args: argparse.Namespace) -> dict[str, Any]:
@@ -253,19 +273,53 @@ def run_speed(args: argparse.Namespace) -> dict[str, Any]:
         for n in args.n:
             loras = make_loras(unet, names, n, args.rank, args.seed + n)
             clock = time.process_time if args.clock == "cpu" else time.perf_counter
-            rows = measure(rows_for(unet, loras, inputs, merger), args.repeats, args.warmup, device, clock)
-            per_n[str(n)] = summarise(rows, loras)
-            print(f"N={n} done: batched/floor {per_n[str(n)]['batched_over_floor']:.3f}", flush=True)
+            rules = FastRules(text=args.fast_text)
+            rows = measure(rows_for(unet, loras, inputs, merger, args.kinds, rules), args.repeats, args.warmup,
+                           device, clock)
+            per_n[str(n)] = summarise(rows, loras, args.steps, args.full_every)
+            print(f"N={n} done: " + ", ".join(f"{k} {v:.3f}" for k, v in per_n[str(n)].items()
+                                              if isinstance(v, float) and "_over_" in k), flush=True)
     return {"machine": machine(device), "args": vars(args), "model": "tiny" if args.tiny else
             "sdxl" if args.sdxl else "sd15", "targets": len(names), "per_n": per_n}
 
 
-def summarise(rows: dict[str, dict[str, Any]], loras: list[dict[str, LowRank]]) -> dict[str, Any]:
+def full_steps(steps: int, full_every: int) -> int:
+    """How many of `steps` are full in speed fast: step 0, then every `full_every`-th (Composer.fast_step)."""
+    return -(-steps // full_every)
+
+
+def row_evaluations(n: int, steps: int, full_every: int) -> dict[str, float]:
+    """UNet row-evaluations per image and step (device-independent): plain LoRA 2 (prompt, negative); LoRAtorio
+    2(N+1); fast 2 on its fast steps (plus N+1 passes of each cross-attention layer, not whole-UNet rows)."""
+    full = full_steps(steps, full_every)
+    return {"merged": 2.0, "full": 2.0 * (n + 1), "fast": (full * 2 * (n + 1) + (steps - full) * 2) / steps}
+
+
+def summarise(rows: dict[str, dict[str, Any]], loras: list[dict[str, LowRank]], steps: int = 20,
+              full_every: Sequence[int] = (4,)) -> dict[str, Any]:
+    """Headline ratios of one N; fast_over_merged is a whole sampling run of `steps` at each full-step interval."""
     t = {k: v["median_s"] for k, v in rows.items()}
     factors = sum(a.down.numel() * a.down.element_size() + a.up.numel() * a.up.element_size()
                   for lora in loras for a in lora.values())
-    return {"batched_over_floor": t["batched"] / t["floor"], "sequential_over_batched": t["sequential"] / t["batched"],
-            "fusion_over_batched": t["fusion"] / t["batched"], "lora_factors_mib": factors / 2**20, "rows": rows}
+    out: dict[str, Any] = {"lora_factors_mib": factors / 2**20, "rows": rows}
+    if {"batched", "floor"} <= t.keys():
+        out["batched_over_floor"] = t["batched"] / t["floor"]
+    if {"sequential", "batched"} <= t.keys():
+        out["sequential_over_batched"] = t["sequential"] / t["batched"]
+    if {"fusion", "batched"} <= t.keys():
+        out["fusion_over_batched"] = t["fusion"] / t["batched"]
+    if {"batched", "merged"} <= t.keys():
+        out["full_over_merged"] = t["batched"] / t["merged"]
+    if {"batched", "fast", "merged"} <= t.keys():
+        out["fast_step_over_merged"] = t["fast"] / t["merged"]
+        out["fast_over_merged"] = {}
+        out["row_evaluations_per_image_step"] = {}
+        for k in full_every:
+            full = full_steps(steps, k)
+            run = full * t["batched"] + (steps - full) * t["fast"]
+            out["fast_over_merged"][str(k)] = run / (steps * t["merged"])
+            out["row_evaluations_per_image_step"][str(k)] = row_evaluations(len(loras), steps, k)
+    return out
 
 
 def machine(device: torch.device) -> dict[str, Any]:
@@ -287,18 +341,39 @@ def machine(device: torch.device) -> dict[str, Any]:
     return info
 
 
+RATIOS = (("batched_over_floor", "batched/floor", "{:.3f}"), ("sequential_over_batched", "seq/batched", "{:.2f}"),
+          ("fusion_over_batched", "fusion share", "{:.2%}"), ("full_over_merged", "full/merged", "{:.2f}"),
+          ("fast_step_over_merged", "fast step/merged", "{:.2f}"))
+
+
 def format_table(report: dict[str, Any]) -> str:
     """Milliseconds per step for each row kind, the headline ratios, and peak memory above each call's start."""
-    head = ["N", *KINDS, "batched/floor", "seq/batched", "fusion share"]
+    per_n = report["per_n"]
+    kinds = [k for k in KINDS if k in next(iter(per_n.values()))["rows"]]
+    ratios = [r for r in RATIOS if r[0] in next(iter(per_n.values()))]
+    head = ["N", *kinds, *(label for _, label, _ in ratios)]
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
-    for n, r in report["per_n"].items():
-        ms = [f"{r['rows'][k]['median_s'] * 1e3:.1f}" for k in KINDS]
-        lines.append(" | ".join([n, *ms, f"{r['batched_over_floor']:.3f}", f"{r['sequential_over_batched']:.2f}",
-                                 f"{r['fusion_over_batched']:.2%}"]))
-    mem_head = ["N", *(k for k in KINDS if k != "remerge"), "LoRA factors"]
+    for n, r in per_n.items():
+        ms = [f"{r['rows'][k]['median_s'] * 1e3:.1f}" for k in kinds]
+        lines.append(" | ".join([n, *ms, *(fmt.format(r[key]) for key, _, fmt in ratios)]))
+    first = next(iter(per_n.values()))
+    if "fast_over_merged" in first:
+        every = list(first["fast_over_merged"])
+        steps = report["args"]["steps"]
+        head = ["N", "full/merged", *(f"fast/merged (full every {k})" for k in every),
+                "UNet rows per image and step: merged, full", *(f"fast (every {k})" for k in every)]
+        lines += ["", f"cost against plain LoRA (merged, same rows) over {steps} steps", " | ".join(head),
+                  " | ".join("---" for _ in head)]
+        for n, r in per_n.items():
+            evals = r["row_evaluations_per_image_step"]
+            lines.append(" | ".join([n, f"{r['full_over_merged']:.2f}",
+                                     *(f"{r['fast_over_merged'][k]:.2f}" for k in every),
+                                     f"{evals[every[0]]['merged']:.0f}, {evals[every[0]]['full']:.0f}",
+                                     *(f"{evals[k]['fast']:.2f}" for k in every)]))
+    mem_head = ["N", *(k for k in kinds if k != "remerge"), "LoRA factors"]
     lines += ["", "extra peak memory, MiB above the level at each call's start", " | ".join(mem_head),
               " | ".join("---" for _ in mem_head)]
-    for n, r in report["per_n"].items():
+    for n, r in per_n.items():
         lines.append(" | ".join([n, *(f"{r['rows'][k]['extra_mib']:.0f}" for k in mem_head[1:-1]),
                                  f"{r['lora_factors_mib']:.0f}"]))
     return "\n".join(lines)
@@ -315,7 +390,7 @@ def plot(report: dict[str, Any], path: str) -> bool:
         return False
     ns = [int(n) for n in report["per_n"]]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for kind in KINDS:
+    for kind in (k for k in KINDS if k in report["per_n"][str(ns[0])]["rows"]):
         ys = [report["per_n"][str(n)]["rows"][kind]["median_s"] * 1e3 for n in ns]
         ax.plot(ns, ys, marker="o", linestyle="--" if kind in ("remerge", "fusion") else "-", label=LABELS[kind])
     args = report["args"]
@@ -345,6 +420,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # smoke tests only
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS),
+                   help="which kinds of step to time (merged brings remerge, which makes its merge)")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps for the whole-run fast/merged ratio")
+    p.add_argument("--full-every", type=int, nargs="+", default=[2, 4, 6, 8],
+                   help="speed fast's full-step intervals to report fast/merged for")
+    p.add_argument("--fast-text", choices=TEXT_RULES, default=FastRules().text,
+                   help="speed fast's cross-attention rule (FastRules.text)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="cpu: this process's CPU time, steadier on a shared CPU machine (use with --threads 1)")
     args = p.parse_args(argv)
@@ -355,6 +437,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         p.error("--clock cpu measures CPU work only; GPU steps need the wall clock")
     if min(args.n) < 1 or args.repeats < 1 or args.warmup < 0 or args.rank < 1:
         p.error("--n and --rank must be >= 1, --repeats >= 1 and --warmup >= 0")
+    if args.steps < 1 or min(args.full_every) < 1:
+        p.error("--steps and --full-every must be >= 1")
     return args
 
 

@@ -16,7 +16,7 @@ from loratorio.core.adapters import (
     probe,
     tucker,
 )
-from loratorio.core.engine import BatchLayout, Composer
+from loratorio.core.engine import BatchLayout, Composer, FastRules
 from loratorio.core.evaluate import evaluate, tree_map, tree_repeat
 from loratorio.core.fusion import (
     compose,
@@ -28,6 +28,7 @@ from loratorio.core.fusion import (
     weighted_sum,
 )
 from loratorio.core.lora_file import adapters_for_model, kohya_name, to_adapter, to_state_dict
+from loratorio.core.masked import RowMasks
 from loratorio.core.memory import (
     VALUES_PER_PIXEL,
     Chunker,
@@ -41,9 +42,9 @@ from loratorio.core.settings import ARG_ORDER, Settings, settings_from_args
 
 __all__ = [
     "ARG_ORDER", "MODES", "Adapter", "adapters_for_model", "BatchLayout", "Bias", "Callback", "Chain", "compose",
-    "Composer", "Dense", "evaluate", "in_window", "kohya_name", "LoHa", "LoKr", "LowRank", "Materialized",
+    "Composer", "Dense", "evaluate", "FastRules", "in_window", "kohya_name", "LoHa", "LoKr", "LowRank", "Materialized",
     "merged_weight", "mode_recentre", "mode_weights", "MultiAdapter", "NormDelta", "patch_similarity",
-    "patch_weights", "probe", "recentre_uncond", "Rescaled", "RoutingSlot", "RowRouting", "Settings",
+    "patch_weights", "probe", "recentre_uncond", "Rescaled", "RoutingSlot", "RowMasks", "RowRouting", "Settings",
     "settings_from_args", "softmin_weights", "switch_index", "to_adapter", "to_eps", "to_state_dict", "tree_map",
     "tree_repeat", "tucker", "weighted_sum",
     "activation_peak", "Chunker", "is_out_of_memory", "MemoryBudget", "VALUES_PER_PIXEL",

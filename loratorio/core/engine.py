@@ -10,10 +10,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
-from loratorio.core.evaluate import batch_size, evaluate
+from loratorio.core.evaluate import batch_size, evaluate, tree_map
 from loratorio.core.fusion import recentre_uncond, to_eps, weighted_sum
+from loratorio.core.masked import RowMasks
 from loratorio.core.memory import Chunker, MemoryBudget
 from loratorio.core.modes import mode_recentre, mode_weights, switch_index
 from loratorio.core.routing import MultiAdapter
@@ -49,18 +51,38 @@ class BatchLayout:
         return [self.uncond_of_cond.index(j) for j in range(len(self.uncond_rows))]
 
 
+@dataclass(frozen=True)
+class FastRules:
+    """How the fast mode treats what has no place in the image (measured in the README, not user settings).
+
+    flat: layers with no spatial output (time embedding): "share" (each LoRA at its mean share) or "full" (merged).
+    text: cross-attention: "blend" (one pass per LoRA, blended per query: exact for the layer), or its keys and
+    values as other non-spatial layers, "share" or "full".
+    uncond: the re-centred negative: "scaled" masks (1 − λ)·Ω in the same rows, the base taking λ, or "rows": extra
+    base rows for the negative, blended with the masked rows after the call (one more row per image).
+    """
+
+    flat: str = "share"
+    text: str = "blend"
+    uncond: str = "scaled"
+    warmup: int = 1
+
+
 class Composer:
-    """Runs one mode of composition per step; keeps the last weight map for display (and for `reuse`)."""
+    """Runs one mode of composition per step; keeps the last weight map for display (and for `reuse` and `fast`)."""
 
     def __init__(self, router: MultiAdapter, settings: Settings, *, batched: bool = True,
-                 max_rows: int | None = None, budget: MemoryBudget | None = None) -> None:
+                 max_rows: int | None = None, budget: MemoryBudget | None = None,
+                 fast_rules: FastRules = FastRules()) -> None:
         self.router = router
         self.settings = settings
         self.batched = batched
         # Splits the batched call to fit the device (budget: the host's free memory and peak estimate).
         self.chunker = Chunker(budget, max_rows=max_rows)
+        self.fast_rules = fast_rules
         self.last_weights: Tensor | None = None
         self._weights_step: int | None = None  # the step last_weights were computed at
+        self._full_step: int | None = None  # the step of the last full (base + every LoRA) evaluation
 
     def groups(self, step: int, layout: BatchLayout | None = None, batch: int | None = None) -> tuple[int | None, ...]:
         """Which models a step evaluates (None = base): Switch one LoRA, Composite all LoRAs, LoRAtorio base too.
@@ -99,9 +121,52 @@ class Composer:
 
         x, sigma: the host batch's noisy latent and sigma, (B, C, H, W) and (B,).
         """
-        groups = self.groups(step, layout, batch_size(inputs))
+        batch = batch_size(inputs)
+        if self.fast_step(step, len(layout.cond_rows)):
+            return self.fast(fn, inputs, layout, batch)
+        groups = self.groups(step, layout, batch)
         preds = evaluate(fn, inputs, self.router, batched=self.batched, adapters=groups, chunker=self.chunker)
         return self.fuse(preds, layout, step, x, sigma, base=groups[0] is None)
+
+    def fast_step(self, step: int, n_cond: int) -> bool:
+        """Whether `speed` fast runs this step as one masked pass: within `full_every` steps of the last full one,
+        whose Ω has one map per cond row."""
+        s, last, w = self.settings, self._full_step, self.last_weights
+        return (s.speed == "fast" and s.mode == "loratorio" and w is not None and last is not None
+                and step >= self.fast_rules.warmup and 0 < step - last < s.full_every and w.shape[1] == n_cond)
+
+    def row_masks(self, layout: BatchLayout, batch: int, weights: Tensor | None = None) -> Tensor:
+        """Fast mode's per-row weights (N, batch, 1, H, W) from Ω (default: the last): cond rows their own map; each
+        negative row its image's first map scaled by 1 − λ, the base taking λ (re-centring, linearised); other rows
+        the base alone."""
+        w = self.last_weights if weights is None else weights
+        masks = w.new_zeros(w.shape[0], batch, *w.shape[2:])
+        masks[:, list(layout.cond_rows)] = w
+        if layout.uncond_rows:
+            keep = 1.0 if self.fast_rules.uncond == "rows" else 1.0 - mode_recentre(self.settings.mode,
+                                                                                   self.settings.recentre)
+            masks[:, list(layout.uncond_rows)] = w[:, layout.cond_of_uncond] * keep
+        return masks
+
+    def masks(self, weights: Tensor) -> RowMasks:
+        """Per-row weights (N, B, 1, H, W) as the masks of a fast pass, under this composer's FastRules."""
+        return RowMasks(weights, self.fast_rules.flat, self.fast_rules.text)
+
+    def fast(self, fn: Callable[[Any], Tensor], inputs: Any, layout: BatchLayout, batch: int) -> Tensor:
+        """One masked pass of the host's rows (plus base negative rows under FastRules.uncond == "rows")."""
+        masks = self.row_masks(layout, batch)
+        lam = mode_recentre(self.settings.mode, self.settings.recentre)
+        extra = list(layout.uncond_rows) if self.fast_rules.uncond == "rows" and lam > 0 else []
+        if extra:
+            inputs = tree_map(lambda t: torch.cat([t, t[extra]]) if t.dim() and t.shape[0] == batch else t, inputs)
+            masks = torch.cat([masks, masks.new_zeros(masks.shape[0], len(extra), *masks.shape[2:])], dim=1)
+        with self.router.masked(self.masks(masks)):
+            out = fn(inputs)
+        if extra:
+            fused = out[:batch].clone()
+            fused[extra] = recentre_uncond(out[batch:], out[extra], lam)
+            out = fused
+        return out
 
     def fuse(self, preds: Tensor, layout: BatchLayout, step: int, x: Tensor | None = None,
              sigma: Tensor | None = None, *, base: bool | None = None) -> Tensor:
@@ -117,6 +182,7 @@ class Composer:
         loras = preds[1:] if has_base else preds
         cond, unc = list(layout.cond_rows), list(layout.uncond_rows)
         weights = self._weights(loras, base, layout, step, x, sigma)
+        self._full_step = step
         out = (base if base is not None else loras[0]).clone()
         out[cond] = weighted_sum(loras[:, cond], weights)
         if unc:

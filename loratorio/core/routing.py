@@ -2,7 +2,8 @@
 
 The mechanism is peft's mixed-adapter batch inference (base layer once over the whole batch, each adapter's delta on
 its own rows), installed as removable forward hooks on our target layers rather than as wrapper classes, so the
-host's modules, their `forward` and their weights are never replaced.
+host's modules, their `forward` and their weights are never replaced. The same hooks run the fast mode's masks
+(core/masked.py): every adapter's delta on every row, weighted per position.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ import torch
 from torch import Tensor, nn
 
 from loratorio.core.adapters import Adapter, Callback, LowRank, NormDelta
+from loratorio.core.masked import MaskStack, RowMasks, apply_masked, attention_modules, blend, blend_runs, context_of
 
 log = logging.getLogger(__name__)
+_FREE = object()  # no adapter forced on the layers (the state outside a cross-attention blend's passes)
 
 @dataclass(frozen=True)
 class RowRouting:
@@ -73,11 +76,11 @@ class RowRouting:
 
 
 class RoutingSlot:
-    """The routing of the model call in flight; a cursor hands consecutive sub-batches their own rows."""
+    """The routing (or masks) of the model call in flight; a cursor hands consecutive sub-batches their own rows."""
 
     def __init__(self) -> None:
-        self.full: RowRouting | None = None
-        self.current: RowRouting | None = None
+        self.full: RowRouting | RowMasks | None = None
+        self.current: RowRouting | RowMasks | None = None
         self._cursor = 0
 
     def begin_call(self, batch: int) -> None:
@@ -94,7 +97,7 @@ class RoutingSlot:
         self.current = self.full.slice(self._cursor, self._cursor + batch)
         self._cursor = (self._cursor + batch) % total
 
-    def set(self, routing: RowRouting | None) -> None:
+    def set(self, routing: RowRouting | RowMasks | None) -> None:
         self.full, self.current, self._cursor = routing, None, 0
 
 
@@ -130,8 +133,14 @@ class MultiAdapter:
                 self.targets.setdefault(module, {})[i] = adapter
         self._handles: list = []
         # Per (layer, adapter ids in row order): the adapters' factors stacked for one bmm, or None where the layer
-        # cannot take it. Built on first use after install() and dropped by remove().
+        # cannot take it. Built on first use after install() and dropped by remove(); likewise the masked stacks.
         self._stacks: dict[tuple[nn.Module, tuple[int, ...]], _Stack | None] = {}
+        self._mask_stacks: dict[nn.Module, MaskStack] = {}
+        # Cross-attention modules, blended per LoRA in masked mode; the adapter forced on every layer during one of
+        # their passes (None = base), and the passes still to run for the module whose forward is in flight.
+        self.attention = attention_modules(root, self.targets)
+        self._forced: object = _FREE
+        self._pending: dict[nn.Module, list[int | None]] = {}
 
     @property
     def installed(self) -> bool:
@@ -145,6 +154,9 @@ class MultiAdapter:
             self._handles.append(self.root.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
             for module in self.targets:
                 self._handles.append(module.register_forward_hook(self._hook))
+            for module in self.attention:
+                self._handles.append(module.register_forward_pre_hook(self._attention_pre, with_kwargs=True))
+                self._handles.append(module.register_forward_hook(self._attention_post, with_kwargs=True))
         except BaseException:
             self.remove()
             raise
@@ -157,6 +169,8 @@ class MultiAdapter:
             handle.remove()
         self.slot.set(None)
         self._stacks.clear()
+        self._mask_stacks.clear()
+        self._forced, self._pending = _FREE, {}
 
     def __enter__(self) -> MultiAdapter:
         return self.install()
@@ -177,6 +191,22 @@ class MultiAdapter:
         finally:
             self.slot.set(None)
 
+    @contextmanager
+    def masked(self, masks: Tensor | RowMasks) -> Iterator[RowMasks]:
+        """Fast mode for the model calls made inside: every row gets Σ_i masks[i] ⊙ Δ_i; cleared in `finally`.
+
+        masks: (N, B, 1, H, W) per-row weights at latent size (core/masked.py), or a RowMasks.
+        """
+        masks = masks if isinstance(masks, RowMasks) else RowMasks(masks)
+        if masks.n_adapters > self.n_adapters:
+            raise ValueError(f"masks name {masks.n_adapters} adapters; this model has {self.n_adapters}")
+        self.slot.set(masks)
+        try:
+            yield masks
+        finally:
+            self.slot.set(None)
+            self._forced, self._pending = _FREE, {}
+
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.slot.full is not None:
             first = _first_tensor(args, kwargs)
@@ -189,6 +219,14 @@ class MultiAdapter:
         if output.shape[0] != len(routing):
             raise ValueError(f"{type(module).__name__} got {output.shape[0]} rows; the routing has {len(routing)}")
         x, table = inputs[0], self.targets[module]
+        if self._forced is not _FREE:  # one pass of a cross-attention blend: that adapter alone, on every row
+            adapter = table.get(self._forced)
+            return None if adapter is None else adapter.apply(module, x, output)
+        if isinstance(routing, RowMasks):
+            stack = self._mask_stacks.get(module)
+            if stack is None:
+                stack = self._mask_stacks[module] = MaskStack.build(module, table, routing.n_adapters)
+            return apply_masked(module, x, output, table, routing, stack)
         block = routing.block
         if block is not None and self._apply_block(module, x, output, block):
             return output
@@ -205,6 +243,33 @@ class MultiAdapter:
                 output.index_copy_(0, rows, adapter.apply(module, x.index_select(0, rows),
                                                           output.index_select(0, rows)))
         return output
+
+    def _attention_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Masked mode, cross-attention: its keys and values act on text tokens, which have no place in the image, so
+        the module runs once per LoRA (this first pass with the first) and the passes are blended per query."""
+        masks = self.slot.current
+        if (not isinstance(masks, RowMasks) or masks.text != "blend" or self._forced is not _FREE
+                or context_of(args, kwargs) is None):
+            return
+        runs = blend_runs(masks, self.attention[module])
+        if runs:
+            self._pending[module] = runs
+            self._forced = runs[0]
+
+    def _attention_post(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> Tensor | None:
+        runs = self._pending.pop(module, None)
+        if runs is None:
+            return None
+        if not isinstance(output, Tensor):
+            raise TypeError(f"{type(module).__name__} returned {type(output).__name__}; fast mode blends tensors")
+        outputs = [output]
+        try:
+            for run in runs[1:]:
+                self._forced = run
+                outputs.append(module(*args, **kwargs))  # our hooks stand aside: _forced is set
+        finally:
+            self._forced = _FREE
+        return blend(self.slot.current, runs, outputs)
 
     def _apply_block(self, module: nn.Module, x: Tensor, output: Tensor,
                      block: tuple[int, int, tuple[int, ...]]) -> bool:

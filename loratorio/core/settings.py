@@ -11,6 +11,7 @@ from loratorio.core.modes import MODES
 
 REFERENCES = ("cond", "uncond")
 EVALUATIONS = ("auto", "batched", "sequential")
+SPEEDS = ("full", "fast")
 
 INFOTEXT_PREFIX = "LoRAtorio"
 
@@ -54,6 +55,15 @@ class Settings:
     reuse: int = field(default=0, metadata=_spec(
         "reuse steps", lo=0, hi=100, help="Keep the patch weights for this many steps after computing them (0 = "
         "every step). Saves the similarity, and with recentre 0 also the base model's evaluation on those steps."))
+
+    # Added after reuse, in this order (the API's positional order).
+    speed: str = field(default="full", metadata=_spec(
+        "speed", choices=SPEEDS, help="full: base and every LoRA evaluated at every step; fast: only every 'full "
+        "every' steps, and in between one pass at about plain LoRA's cost, each LoRA applied where the weight map "
+        "gives it."))
+    full_every: int = field(default=4, metadata=_spec(
+        "full every", lo=1, hi=100, help="Fast speed: evaluate base and every LoRA (and renew the weight map) every "
+        "this many steps; 1 = always, as full speed."))
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -154,6 +154,7 @@ class StepRecord:
     calls: list[tuple] = field(default_factory=list)
     broken: bool = False  # a call of this step failed: its other calls' rows are re-run plainly in end_step
     rows: int = 0  # rows of every model call of the step, composed or not (== cond rows when uncond was skipped)
+    fast: bool = False  # one masked pass per call (speed fast between full steps)
 
 
 def cond_layout(x_in: Tensor, n_cond: int, n_images: int) -> BatchLayout:
@@ -269,7 +270,9 @@ class GenerationState:
         if not self.active(step, total):
             return
         try:
-            self.record = StepRecord(cond_layout(x_in, n_cond, n_images), x_in, sigma_in, step)
+            layout = cond_layout(x_in, n_cond, n_images)
+            self.record = StepRecord(layout, x_in, sigma_in, step,
+                                     fast=self.composer.fast_step(step, len(layout.cond_rows)))
         except Declined as exc:
             self.fail(str(exc))
 
@@ -283,6 +286,10 @@ class GenerationState:
             # When A1111 skips the uncond rows it cuts x and sigma but not image_cond; the model reads only the
             # first len(x) rows of it, so cutting here keeps every tensor row-aligned for batching.
             cut = tree_map(lambda t: t[: x.shape[0]] if t.dim() and t.shape[0] > x.shape[0] else t, kwargs)
+            if rec.fast:
+                out = self.fast_call(inner, x, sigma, cut)
+                rec.calls.append((inner, x, sigma, kwargs))
+                return out
             with self.base_weights():
                 preds = self.composer.predict(lambda a: inner(a[0], a[1], **a[2]), (x, sigma, cut), rec.step)
         except Exception as exc:  # noqa: BLE001 - host boundary: any failure means plain sampling, not a crash
@@ -296,6 +303,17 @@ class GenerationState:
         rec.calls.append((inner, x, sigma, kwargs))
         return preds[0]
 
+    def fast_call(self, inner: Any, x: Tensor, sigma: Tensor, kwargs: dict) -> Tensor:
+        """Speed fast: this call's rows in one pass, each LoRA masked by the last weight map (the host's calls cover
+        the step's rows in order, so a running offset finds each call's rows)."""
+        rec = self.record
+        layout = rec.layout
+        total = len(layout.cond_rows) + len(layout.uncond_rows)
+        start = rec.rows - x.shape[0]  # model_call counted this call's rows already
+        masks = self.composer.row_masks(layout, total)[:, start:start + x.shape[0]]
+        with self.base_weights(), self.router.masked(self.composer.masks(masks)):
+            return inner(x, sigma, **kwargs)
+
     def end_step(self, x_out: Tensor) -> None:
         """cfg_denoised callback: fuse the recorded predictions into the host's x_out, in place.
 
@@ -303,11 +321,14 @@ class GenerationState:
         call instead, so the step is the host's own.
         """
         rec, self.record = self.record, StepRecord()
-        if rec.layout is None or not rec.preds:
+        if rec.layout is None or not (rec.preds or rec.fast):
             return
         if self.failed is None and not rec.broken:
             try:
-                self.fuse_into(x_out, rec)
+                if rec.fast:
+                    self.accumulate_maps(rec.layout)  # x_out already holds the masked passes' predictions
+                else:
+                    self.fuse_into(x_out, rec)
                 return
             except Exception as exc:  # noqa: BLE001 - host boundary
                 log.debug("LoRAtorio fusion failed", exc_info=True)
@@ -430,8 +451,8 @@ def install(p: Any, settings: Settings, *, sd_model: Any, networks_module: Any, 
     except BaseException:
         remove(state)
         raise
-    log.info("LoRAtorio: %d LoRAs, mode %s, %s evaluation", len(networks), settings.mode,
-             "batched" if batched else "sequential")
+    log.info("LoRAtorio: %d LoRAs, mode %s, %s evaluation, speed %s", len(networks), settings.mode,
+             "batched" if batched else "sequential", settings.speed)
     return state
 
 

@@ -477,6 +477,9 @@ class StepRecord:
     # (call, args) of each model call composed so far: what a failure later in the step re-runs plainly.
     calls: list[tuple[Callable, dict]] = field(default_factory=list)
     broken: bool = False  # a call of this step failed after others were composed
+    fast: bool = False  # speed fast between full steps: one masked pass per call
+    maps: list[Tensor] = field(default_factory=list)  # full step: each cond chunk's Ω, in arrival order
+    fast_conds: int = 0  # fast step: cond chunks seen so far
 
 
 @dataclass
@@ -493,6 +496,7 @@ class GenerationState:
     record: StepRecord | None = None
     failed: str | None = None
     removed: bool = False
+    chunk_maps: list[Tensor] = field(default_factory=list)  # the last full step's Ω per cond chunk (speed fast)
     map_sum: Tensor | None = None
     map_steps: int = 0
     warn: Callable[[str], None] = log.warning
@@ -517,7 +521,10 @@ class GenerationState:
         strength = sum(c.get("strength", 1) for c in cond)
         # The host drops the uncond at CFG scale 1 (also skip-early-CFG and NGMS) unless a hook disabled that.
         skip = math.isclose(cond_scale, 1.0) and not model_options.get("disable_cfg1_optimization", False)
-        self.record = StepRecord(step, active, len(cond), strength, uncond is not None and not skip)
+        # A fast step needs every cond chunk's map from the last full step (chunks come in the same order each step).
+        fast = active and len(self.chunk_maps) == len(cond) and self.composer.fast_step(
+            step, self.chunk_maps[0].shape[1] if self.chunk_maps else 0)
+        self.record = StepRecord(step, active, len(cond), strength, uncond is not None and not skip, fast=fast)
 
     def model_call(self, apply_model: Callable, args: dict, prev: Callable | None) -> Tensor:
         """model_function_wrapper: base + LoRAs on this call's chunks; cond chunks fused, uncond kept for CFG."""
@@ -546,6 +553,8 @@ class GenerationState:
         x, sigma, c = args["input"], args["timestep"], args["c"]
         kinds = list(args["cond_or_uncond"])
         b = x.shape[0] // len(kinds)
+        if rec.fast:
+            return self.fast_call(call, args, rec, kinds, b)
         tensors = {k: v for k, v in c.items() if k not in ("transformer_options", "control_model")}
         # Which row of this host call each row is, so that a chunk's per-chunk options follow its rows; a host
         # chunk's b rows stay in one call (the unit), as cond_or_uncond describes whole chunks.
@@ -559,6 +568,8 @@ class GenerationState:
             if kind == 0:
                 out[rows] = self.fuse_cond(chunk, rec)
                 rec.conds.append(chunk)
+                if self.settings.speed == "fast" and self.composer.last_weights is not None:
+                    rec.maps.append(self.composer.last_weights)
             else:
                 rec.uncond = chunk
         uncond_at = [i for i, kind in enumerate(kinds) if kind != 0]
@@ -566,6 +577,22 @@ class GenerationState:
             rows = slice(uncond_at[0] * b, (uncond_at[0] + 1) * b)
             out[rows] = self.uncond_of(rec)
         return out
+
+    def fast_call(self, call: Callable[[dict], Tensor], args: dict, rec: StepRecord, kinds: list, b: int) -> Tensor:
+        """Speed fast: the call's chunks in one pass, each LoRA masked by its map from the last full step. A cond
+        chunk takes the map of the cond chunk that came at its place then; the negative, the first sub-prompt's
+        (the last to run) scaled by 1 − λ, as `uncond_of` fuses it."""
+        masks = []
+        for kind in kinds:
+            if kind == 0:
+                w = self.chunk_maps[rec.fast_conds]
+                rec.fast_conds += 1
+                masks.append(self.composer.row_masks(BatchLayout(tuple(range(b))), b, w))
+            else:
+                w = self.chunk_maps[-1]
+                masks.append(self.composer.row_masks(BatchLayout.cond_then_uncond(b), 2 * b, w)[:, b:])
+        with self.router.masked(self.composer.masks(torch.cat(masks, dim=1))):
+            return call(args)
 
     def fuse_cond(self, chunk: Chunk, rec: StepRecord) -> Tensor:
         """One cond chunk fused against its reference (its base rows, or the step's base uncond rows)."""
@@ -592,7 +619,11 @@ class GenerationState:
     def finish_step(self, args: dict, prev: Callable | None) -> Tensor:
         """sampler_cfg_function: the host's CFG (or the previous cfg function) on the fused predictions."""
         rec, self.record = self.record, None
-        if rec is not None and rec.active and self.failed is None and not self.removed and rec.conds:
+        if rec is not None and rec.active and self.failed is None and not self.removed and rec.fast:
+            self.accumulate_maps()  # the host's predictions already are the masked pass's
+        elif rec is not None and rec.active and self.failed is None and not self.removed and rec.conds:
+            if len(rec.maps) == rec.n_cond:
+                self.chunk_maps = rec.maps
             try:
                 if rec.uncond is not None:
                     fused = self.uncond_of(rec)

@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from loratorio.core import BatchLayout, Composer, LowRank, MultiAdapter, Settings, merged_weight
+from loratorio.core import BatchLayout, Composer, FastRules, LowRank, MultiAdapter, Settings, merged_weight
 from loratorio.miniworld.bundle import Miniature
 from loratorio.miniworld.model import LATENT, Denoiser, UNet, decode_latent, karras_sigmas, tokenize
 from loratorio.miniworld.world import SKILL_TOKENS
 
-METHODS = ("base", "merge", "switch", "composite", "loratorio", "loratorio_dynamic", "merge_all")
+METHODS = ("base", "merge", "switch", "composite", "loratorio", "loratorio_fast", "loratorio_dynamic", "merge_all")
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class SampleConfig:
     # Patch 2 of a 16-px latent is the fraction of the side (1/8) that SD1.5's patch 8 is of its 64-px latent;
     # a switch every step matches ComposLoRA's 5 of 200 steps better than 5 of our 16.
     settings: Settings = field(default_factory=lambda: Settings(enabled=True, patch_size=2, switch_interval=1))
+    fast_rules: FastRules = FastRules()  # loratorio_fast: settings.full_every sets its interval
 
 
 def noise(seeds: Sequence[int], sigma_max: float) -> Tensor:
@@ -89,11 +90,12 @@ def sample(mini: Miniature, skills: Sequence[str], method: str, seeds: Sequence[
     names = list(SKILL_TOKENS) if method == "loratorio_dynamic" else list(skills)
     mode = "loratorio" if method.startswith("loratorio") else method
     top_k = len(skills) if method == "loratorio_dynamic" else 0
-    settings = Settings(**{**config.settings.to_dict(), "enabled": True, "mode": mode, "top_k": top_k})
+    speed = "fast" if method == "loratorio_fast" else "full"
+    settings = Settings(**{**config.settings.to_dict(), "enabled": True, "mode": mode, "top_k": top_k, "speed": speed})
     den = mini.denoiser
     layout = BatchLayout.cond_then_uncond(b)
     with MultiAdapter(mini.unet, [mini.loras[s] for s in names]) as router:
-        composer = Composer(router, settings)
+        composer = Composer(router, settings, fast_rules=config.fast_rules)
 
         def model(xin: Tensor, sin: Tensor, step: int) -> Tensor:
             out = composer(lambda a: den(*a), (xin, sin, ctx), layout, step, xin, sin)
