@@ -225,6 +225,10 @@ def test_wrapped_unet_forward_means_sequential_in_auto_mode():
     state = host.install(host.denoiser())
     assert not state.composer.batched
     a1111.remove(state)
+    host.unet.forward = original  # ControlNet's restore: the class's forward bound to the UNet, left in its dict
+    state = host.install(host.denoiser())
+    assert state.composer.batched
+    a1111.remove(state)
 
 
 def test_refiner_swap_is_reported():

@@ -272,8 +272,16 @@ def uses_eps(denoiser: Any, base_cls: type) -> bool:
 
 
 def unet_is_wrapped(unet: nn.Module) -> bool:
-    """Another extension (ControlNet, …) replaced this UNet's forward: it may assume the host's batch layout."""
-    return "forward" in vars(unet)
+    """Another extension (ControlNet, …) replaced this UNet's forward: it may assume the host's batch layout.
+
+    A forward that is the class's own, bound to this module, is not a wrapper: sd-webui-controlnet "restores" the
+    UNet by assigning the saved bound method, which stays in the instance dict for every later generation.
+    """
+    forward = vars(unet).get("forward")
+    if forward is None:
+        return False
+    own = getattr(forward, "__func__", None) is type(unet).forward and getattr(forward, "__self__", None) is unet
+    return not own
 
 
 def install(p: Any, settings: Settings, *, sd_model: Any, networks_module: Any, base_denoiser_cls: type,
