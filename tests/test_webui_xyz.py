@@ -8,8 +8,10 @@ X type dropdown's choices. Same environment as tests/test_webui_smoke.py.
 from __future__ import annotations
 
 import json
+import os
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -51,28 +53,33 @@ def plot_args(axis, values, values_list=None):
     return args
 
 
-def decode(out):
+def decode(out, save_first=""):
     import base64
     import io
 
     from PIL import Image
 
-    return [np.asarray(Image.open(io.BytesIO(base64.b64decode(i))).convert("RGB"), dtype=np.float64)
-            for i in out["images"]]
+    images = [Image.open(io.BytesIO(base64.b64decode(i))).convert("RGB") for i in out["images"]]
+    if save_first:
+        Path(save_first).parent.mkdir(parents=True, exist_ok=True)
+        images[0].save(save_first)
+    return [np.asarray(image, dtype=np.float64) for image in images]
 
 
-def run_plot(axis, values, values_list=None, loratorio=None):
+def run_plot(axis, values, values_list=None, loratorio=None, save_grid=""):
     payload = {**BASE, "prompt": BASE["prompt"] + TWO, "script_name": "x/y/z plot",
                "script_args": plot_args(axis, values, values_list)}
     if loratorio is not None:
         payload["alwayson_scripts"] = {"LoRAtorio": {"args": loratorio}}
     out = post("/sdapi/v1/txt2img", payload)
-    return decode(out), json.loads(out["info"])["infotexts"]
+    return decode(out, save_grid), json.loads(out["info"])["infotexts"]
 
 
 def test_a_mode_axis_gives_three_different_cells_each_with_its_value():
     modes = ["loratorio", "composite", "switch"]
-    images, infotexts = run_plot("LoRAtorio mode", "", modes, loratorio=[{"enabled": True, "patch_size": 4}])
+    shots = os.environ.get("LORATORIO_SCREENSHOTS", "")
+    images, infotexts = run_plot("LoRAtorio mode", "", modes, loratorio=[{"enabled": True, "patch_size": 4}],
+                                 save_grid=shots and os.path.join(shots, "xyz_mode.png"))
     assert len(images) == 4, infotexts  # the grid, then the three cells
     grid, cells = images[0], images[1:]
     assert grid.shape[1] >= 3 * cells[0].shape[1]
