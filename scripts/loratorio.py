@@ -9,7 +9,7 @@ from modules.ui_components import InputAccordion
 
 from loratorio import maps, ui
 from loratorio.core import settings_from_args
-from loratorio.hosts import a1111, forge
+from loratorio.hosts import a1111, forge, xyz
 from loratorio.hosts.detect import A1111, FORGE, REFORGE, detect_host
 
 log = logging.getLogger("loratorio")
@@ -35,8 +35,9 @@ class LoratorioScript(scripts.Script):
         self._remove()
         self.maps, self.pending_maps, self.settings, self.error = [], None, None, None
         self.chunks, self.ooms, self.chunks_logged = 1, 0, False
+        xyz.clear_infotext(p.extra_generation_params)
         try:
-            self.settings = settings_from_args(args)
+            self.settings = xyz.with_overrides(settings_from_args(args), p)
         except ValueError as exc:
             # The host swallows hook exceptions; the error is raised again from the first sampling call instead.
             self.error = str(exc)
@@ -117,6 +118,7 @@ class LoratorioScript(scripts.Script):
         p.extra_generation_params["LoRAtorio warning"] = message
 
 
+script_callbacks.on_before_ui(lambda: xyz.register_with(scripts.scripts_data))
 if HOST == A1111:  # Forge and reForge never fire on_cfg_denoised; their glue lives on the UnetPatcher clone
     script_callbacks.on_cfg_denoiser(a1111.on_cfg_denoiser)
     script_callbacks.on_cfg_denoised(a1111.on_cfg_denoised)

@@ -232,6 +232,54 @@ def test_wrapped_unet_forward_means_sequential_in_auto_mode():
     state = host.install(host.denoiser())
     assert not state.composer.batched
     a1111.remove(state)
+    host.unet.forward = original  # ControlNet's restore: the class's forward bound to the UNet, left in its dict
+    state = host.install(host.denoiser())
+    assert state.composer.batched
+    a1111.remove(state)
+
+
+def controlnet_p(host, denoiser, kind="ControlNet", hint_images=1, batch_option="All ControlNet units for all "
+                 "images in a batch", style_align=False, underneath=False):
+    """p with sd-webui-controlnet's hook in place, as scripts/hook.py leaves it (UnetHook.hook)."""
+    unet = host.unet
+    unet._original_forward = (lambda *a, **k: unet.__class__.forward(unet, *a, **k)) if underneath else unet.forward
+
+    def forward_webui(self, *args, **kwargs):
+        return self._original_forward(*args, **kwargs)
+
+    unet.forward = forward_webui.__get__(unet)
+    param = SimpleNamespace(control_model_type=SimpleNamespace(name=kind), hint_cond=torch.zeros(hint_images, 3, 8, 8),
+                            hr_hint_cond=None)
+    script = SimpleNamespace(latest_network=SimpleNamespace(model=unet, control_params=[param]),
+                             ui_batch_option_state=[batch_option, style_align])
+    return SimpleNamespace(sampler=SimpleNamespace(model_wrap_cfg=denoiser), extra_generation_params={},
+                           scripts=SimpleNamespace(alwayson_scripts=[SimpleNamespace(), script]))
+
+
+@pytest.mark.parametrize("case, batched", [
+    ({}, True),
+    ({"kind": "T2I_Adapter"}, True),
+    ({"kind": "AttentionInjection"}, False),  # reference-only caches latents at the first call's batch size
+    ({"hint_images": 2}, False),
+    ({"batch_option": "Each ControlNet unit for each image in a batch"}, False),
+    ({"style_align": True}, False),
+    ({"underneath": True}, False),
+])
+def test_auto_is_batched_under_controlnet_only_when_its_units_work_row_by_row(case, batched):
+    host = Host()
+    denoiser = host.denoiser()
+    p = controlnet_p(host, denoiser, **case)
+    state = a1111.install(p, ON, sd_model=host.sd_model, networks_module=host.networks_module,
+                          base_denoiser_cls=fake.CFGDenoiser, warn=host.warnings.append)
+    assert state.composer.batched is batched and host.warnings == []
+    x, c, u = latent(), conds(), conds(seed=8)
+    assert torch.isfinite(sample(denoiser, x, simple(c), u)).all()  # the calls go through the wrapper
+    a1111.remove(state)
+    p.scripts.alwayson_scripts[1].latest_network.model = None  # the hook of another model: not evidence
+    state = a1111.install(p, ON, sd_model=host.sd_model, networks_module=host.networks_module,
+                          base_denoiser_cls=fake.CFGDenoiser, warn=host.warnings.append)
+    assert not state.composer.batched
+    a1111.remove(state)
 
 
 def test_refiner_swap_is_reported():

@@ -39,6 +39,7 @@ BASE = {"prompt": "a cat in a garden", "negative_prompt": "", "seed": 1234,
         "steps": int(os.environ.get("LORATORIO_STEPS", "4")), "width": SIZE, "height": SIZE, "cfg_scale": 5,
         "sampler_name": "Euler"}
 ALL = "".join(f" <lora:{name}:1>" for name in LORAS)
+TWO = f" <lora:{LORAS[0]}:1> <lora:{LORAS[1]}:1>"  # the first two LoRAs alone
 HIRES = {"enable_hr": True, "hr_scale": 1.25, "hr_upscaler": "Latent", "denoising_strength": 0.6,
          "hr_second_pass_steps": 2}
 

@@ -117,6 +117,16 @@ def settings_from_args(args: Sequence[Any]) -> Settings:
     return Settings.from_dict(dict(zip(ARG_ORDER, args, strict=False)))
 
 
+def field_value(name: str, value: Any) -> Any:
+    """One setting's value, coerced and range-checked on its own (rules across fields apply when Settings is built)."""
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    if name not in fields:
+        raise ValueError(f"unknown LoRAtorio setting {name!r}; allowed: {sorted(fields)}")
+    value = _coerce(fields[name], value)
+    _check(fields[name], value)
+    return value
+
+
 def infotext_key(f: dataclasses.Field) -> str:
     """The generation-parameters key of a settings field, e.g. 'LoRAtorio patch size'."""
     return f"{INFOTEXT_PREFIX} {f.metadata['label']}"

@@ -388,9 +388,62 @@ def uses_eps(denoiser: Any, base_cls: type) -> bool:
     return type(denoiser).get_pred_x0 is not base_cls.get_pred_x0
 
 
+# sd-webui-controlnet's model types whose UNet hook only adds residuals (or attention inputs) computed from each row's
+# own x, timestep, context and cond/uncond mark (scripts/hook.py, v1.1.455): any batch layout gives every row the same
+# control. The others cache latents at the first call's batch size (reference, inpaint) or index rows by position.
+ROW_WISE_CONTROL = frozenset({"ControlNet", "ControlLoRA", "ControlNetUnion", "T2I_Adapter", "T2I_StyleAdapter",
+                              "IPAdapter"})
+
+
+def _own_forward(unet: nn.Module, forward: Any) -> bool:
+    return getattr(forward, "__func__", None) is type(unet).forward and getattr(forward, "__self__", None) is unet
+
+
 def unet_is_wrapped(unet: nn.Module) -> bool:
-    """Another extension (ControlNet, …) replaced this UNet's forward: it may assume the host's batch layout."""
-    return "forward" in vars(unet)
+    """Another extension (ControlNet, …) replaced this UNet's forward: it may assume the host's batch layout.
+
+    A forward that is the class's own, bound to this module, is not a wrapper: sd-webui-controlnet "restores" the
+    UNet by assigning the saved bound method, which stays in the instance dict for every later generation.
+    """
+    forward = vars(unet).get("forward")
+    return forward is not None and not _own_forward(unet, forward)
+
+
+def controlnet_takes_any_batch(p: Any, unet: nn.Module) -> bool:
+    """Whether the only wrapper of the UNet is sd-webui-controlnet's and all its units work row by row.
+
+    Its hook (the script's `latest_network`, a UnetHook) computes each row's control from that row alone, so
+    LoRAtorio's one call of (N+1)·B rows gives every row, base and LoRAs, the same hint as the host's own call.
+    """
+    forward = vars(unet).get("forward")
+    if getattr(getattr(forward, "__func__", None), "__name__", None) != "forward_webui":
+        return False
+    if not _own_forward(unet, getattr(unet, "_original_forward", None)):
+        return False  # another wrapper underneath ControlNet's
+    for script in getattr(getattr(p, "scripts", None), "alwayson_scripts", None) or []:
+        hook = getattr(script, "latest_network", None)
+        if hook is None or getattr(hook, "model", None) is not unet:
+            continue
+        batch_options = getattr(script, "ui_batch_option_state", None) or ["", False]
+        # "Each ControlNet unit for each image in a batch" and style align pick rows by their position.
+        if str(batch_options[0]).startswith("Each") or batch_options[1]:
+            return False
+        return all(_row_wise(param) for param in hook.control_params or [])
+    return False
+
+
+def _row_wise(param: Any) -> bool:
+    kind = getattr(getattr(param, "control_model_type", None), "name", None)
+    hints = [getattr(param, "hint_cond", None), getattr(param, "hr_hint_cond", None)]
+    # One hint image broadcasts over any number of rows; a hint per image would not line up with repeated rows.
+    return kind in ROW_WISE_CONTROL and all(not isinstance(h, Tensor) or h.shape[0] == 1 for h in hints)
+
+
+def batched_evaluation(p: Any, settings: Settings, unet: nn.Module) -> bool:
+    """evaluation=auto: one batched call unless a UNet wrapper that needs the host's batch shape is in place."""
+    if settings.evaluation != "auto":
+        return settings.evaluation == "batched"
+    return not unet_is_wrapped(unet) or controlnet_takes_any_batch(p, unet)
 
 
 def memory_budget(unet: nn.Module, sd_model: Any, device: torch.device | None = None) -> MemoryBudget:
@@ -437,7 +490,7 @@ def install(p: Any, settings: Settings, *, sd_model: Any, networks_module: Any, 
         warn(f"LoRAtorio: {exc}; sampled normally")
         return None
     tables = inject_fault(tables, names)
-    batched = settings.evaluation == "batched" or (settings.evaluation == "auto" and not unet_is_wrapped(unet))
+    batched = batched_evaluation(p, settings, unet)
     router = MultiAdapter(unet, tables)
     composer = Composer(router, settings, batched=batched, budget=memory_budget(unet, sd_model, device))
     state = GenerationState(settings, networks_module, router, composer, uses_eps(denoiser, base_denoiser_cls),
