@@ -244,6 +244,9 @@ class _Stack:
     def build(cls, layer: nn.Module, adapters: Sequence[Adapter | None]) -> _Stack | None:
         if not isinstance(layer, nn.Linear) or not all(isinstance(a, LowRank) and a.mid is None for a in adapters):
             return None
+        if any(a.down.requires_grad or a.up.requires_grad for a in adapters):
+            # Factors being trained change every step (and a stack built from them would hold a stale graph).
+            return None
         rank, like = max(a.rank for a in adapters), adapters[0].down
         down = like.new_zeros(len(adapters), rank, layer.in_features)
         up = like.new_zeros(len(adapters), layer.out_features, rank)
