@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from loratorio.core.modes import MODES
 
@@ -13,6 +13,7 @@ REFERENCES = ("cond", "uncond")
 EVALUATIONS = ("auto", "batched", "sequential")
 
 INFOTEXT_PREFIX = "LoRAtorio"
+T = TypeVar("T")
 
 
 def _spec(label: str, *, lo: float | None = None, hi: float | None = None, choices: tuple[str, ...] = (),
@@ -55,11 +56,32 @@ class Settings:
         "reuse steps", lo=0, hi=100, help="Keep the patch weights for this many steps after computing them (0 = "
         "every step). Saves the similarity, and with recentre 0 also the base model's evaluation on those steps."))
 
+    # Issue 13's fields, appended after issue 14's (the lead orders them when merging).
+    global_loras: str = field(default="", metadata=_spec(
+        "global LoRAs", help="Comma-separated LoRA names merged into the model for the whole image (e.g. a style) "
+        "instead of competing per patch; the others are composed."))
+    min_share: float = field(default=0.0, metadata=_spec(
+        "min share", lo=0.0, hi=1.0, help="Coverage floor: every composed LoRA keeps at least this mean weight over "
+        "the image (capped at 1/N), so that no requested LoRA is lost (0 = off)."))
+
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             _check(f, getattr(self, f.name))
         if self.start >= self.end:
             raise ValueError(f"LoRAtorio setting 'start' ({self.start}) must be less than 'end' ({self.end})")
+
+    def global_list(self) -> tuple[str, ...]:
+        """The names in `global_loras`, stripped and lower-cased (hosts compare LoRA names case-insensitively)."""
+        return tuple(n.strip().lower() for n in self.global_loras.split(",") if n.strip())
+
+    def split_globals(self, items: Sequence[T], names: Callable[[T], Iterable[str]]
+                      ) -> tuple[list[T], list[T], list[str]]:
+        """(global items, composed items, `global_loras` names matching no item); `names` gives an item's names."""
+        wanted = self.global_list()
+        known = [{str(n).lower() for n in names(item) if n} for item in items]
+        glob = [item for item, k in zip(items, known, strict=True) if k.intersection(wanted)]
+        rest = [item for item, k in zip(items, known, strict=True) if not k.intersection(wanted)]
+        return glob, rest, [w for w in wanted if not any(w in k for k in known)]
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of named settings, as the API's named form takes them."""

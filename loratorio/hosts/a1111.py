@@ -174,6 +174,7 @@ class GenerationState:
     composer: Composer
     eps_space: bool
     networks: list = field(default_factory=list)
+    global_networks: list = field(default_factory=list)
     record: StepRecord = field(default_factory=StepRecord)
     failed: str | None = None
     denoiser: Any = None
@@ -184,10 +185,11 @@ class GenerationState:
 
     @contextmanager
     def base_weights(self) -> Iterator[None]:
-        """Empty the host's loaded network list for one call, so its layers compute with base weights."""
+        """Leave only the global networks in the host's loaded list for one call: its layers then compute with the
+        base weights plus the globals merged (the host re-merges a layer when the list changes), for every row."""
         loaded = self.networks_module.loaded_networks
         saved = list(loaded)
-        loaded.clear()
+        loaded[:] = [n for n in saved if any(n is g for g in self.global_networks)]
         try:
             yield
         finally:
@@ -280,8 +282,12 @@ def install(p: Any, settings: Settings, *, sd_model: Any, networks_module: Any, 
             warn: Any) -> GenerationState | None:
     """Take over this sampling pass, or return None (with a warning) when LoRAtorio cannot or need not run."""
     networks = [n for n in networks_module.loaded_networks if n.unet_multiplier != 0]
+    global_networks, networks, missing = settings.split_globals(networks, lambda n: (n.name, n.mentioned_name))
+    if missing:
+        warn(f"LoRAtorio: global LoRA(s) {', '.join(missing)} not among the prompt's LoRAs; ignored")
     if len(networks) < 2:
-        warn(f"LoRAtorio needs 2 or more LoRAs in the prompt with a UNet weight; found {len(networks)}, "
+        also = f" besides {len(global_networks)} global" if global_networks else ""
+        warn(f"LoRAtorio needs 2 or more LoRAs in the prompt with a UNet weight{also}; found {len(networks)}, "
              "sampled normally")
         return None
     if getattr(sd_model, "cond_stage_key", None) == "edit":
@@ -297,7 +303,8 @@ def install(p: Any, settings: Settings, *, sd_model: Any, networks_module: Any, 
     batched = settings.evaluation == "batched" or (settings.evaluation == "auto" and not unet_is_wrapped(unet))
     router = MultiAdapter(unet, tables)
     state = GenerationState(settings, networks_module, router, Composer(router, settings, batched=batched),
-                            uses_eps(denoiser, base_denoiser_cls), networks, denoiser=denoiser, warn=warn)
+                            uses_eps(denoiser, base_denoiser_cls), networks, global_networks, denoiser=denoiser,
+                            warn=warn)
     state.original_wrap = denoiser.inner_model
     try:
         router.install()
@@ -307,8 +314,8 @@ def install(p: Any, settings: Settings, *, sd_model: Any, networks_module: Any, 
     except BaseException:
         remove(state)
         raise
-    log.info("LoRAtorio: %d LoRAs, mode %s, %s evaluation", len(networks), settings.mode,
-             "batched" if batched else "sequential")
+    log.info("LoRAtorio: %d LoRAs composed, %d global, mode %s, %s evaluation", len(networks),
+             len(global_networks), settings.mode, "batched" if batched else "sequential")
     return state
 
 

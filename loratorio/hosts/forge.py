@@ -18,7 +18,7 @@ import logging
 import math
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from types import SimpleNamespace
@@ -115,13 +115,20 @@ class _Token:
             unet.patches, unet.patches_uuid = {k: v[:] for k, v in self.patches.items()}, self.patches_uuid
 
 
-def strip(unet: Any, kind: str) -> None:
-    """Drop the clone's LoRA patches so it loads with base weights (the shared loader restores its backups)."""
+def strip(unet: Any, kind: str, keep: Sequence[LoraSource] = ()) -> None:
+    """Drop the clone's LoRA patches but those of the `keep` files (global LoRAs), so that it loads with base
+    weights plus the globals merged (the shared loader restores its backups, then merges what is left)."""
+    files = {s.filename for s in keep}
     if kind == "forge":
-        unet.lora_patches = {}
+        unet.lora_patches = {k: v for k, v in unet.lora_patches.items() if k[0] in files}
     else:
+        # reForge merges every file's patches per key; the globals' are rebuilt from their own files' patches.
+        patches: dict = {}
+        for source in keep:
+            for key, entries in source.patches.items():
+                patches.setdefault(key, []).extend(entries)
         # reForge skips re-patching while the uuid matches the merged one (model_patcher.py), so it must change.
-        unet.patches, unet.patches_uuid = {}, uuid.uuid4()
+        unet.patches, unet.patches_uuid = patches, uuid.uuid4()
 
 
 def forge_sources(lora_patches: dict, networks_module: Any) -> list[LoraSource]:
@@ -507,8 +514,13 @@ def install(p: Any, settings: Settings, *, backend: Backend, networks_module: An
         sources = forge_sources(unet.lora_patches, networks_module)
     else:
         sources = reforge_sources(getattr(sd_model, "current_lora_hash", ""), backend, networks_module)
+    globals_, sources, missing = settings.split_globals(sources, lambda s: (s.name, s.mentioned_name,
+                                                                            _stem(s.filename)))
+    if missing:
+        warn(f"LoRAtorio: global LoRA(s) {', '.join(missing)} not among the prompt's LoRAs; ignored")
     if len(sources) < 2:
-        warn(f"LoRAtorio needs 2 or more LoRAs in the prompt with a UNet weight; found {len(sources)}, "
+        also = f" besides {len(globals_)} global" if globals_ else ""
+        warn(f"LoRAtorio needs 2 or more LoRAs in the prompt with a UNet weight{also}; found {len(sources)}, "
              "sampled normally")
         return None
     holder = TensorHolder()
@@ -522,11 +534,11 @@ def install(p: Any, settings: Settings, *, backend: Backend, networks_module: An
     if empty:
         warn(f"LoRAtorio: {', '.join(empty)} change no UNet layer of this model; sampled normally")
         return None
-    return _patch(p, unet, settings, sources, tables, holder, backend, warn)
+    return _patch(p, unet, settings, sources, tables, holder, backend, warn, globals_)
 
 
 def _patch(p: Any, unet: Any, settings: Settings, sources: list[LoraSource], tables: list, holder: TensorHolder,
-           backend: Backend, warn: Callable[[str], None]) -> GenerationState:
+           backend: Backend, warn: Callable[[str], None], globals_: Sequence[LoraSource] = ()) -> GenerationState:
     options = unet.model_options
     prev_wrapper, prev_cfg = options.get("model_function_wrapper"), options.get("sampler_cfg_function")
     batched = settings.evaluation == "batched" or (settings.evaluation == "auto" and prev_wrapper is None)
@@ -548,7 +560,7 @@ def _patch(p: Any, unet: Any, settings: Settings, sources: list[LoraSource], tab
 
     patcher = unet.add_extra_torch_module_during_sampling(holder, cast_to_unet_dtype=False)
     options[KEY] = _Token(unet, modifier, patcher)
-    strip(unet, backend.kind)
+    strip(unet, backend.kind, globals_)
     unet.add_conditioning_modifier(modifier)
     unet.set_model_unet_function_wrapper(wrapper)
     unet.set_model_sampler_cfg_function(cfg)
@@ -558,8 +570,8 @@ def _patch(p: Any, unet: Any, settings: Settings, sources: list[LoraSource], tab
         unet.set_memory_peak_estimation_modifier(lambda shape: estimate([shape[0] * groups, *shape[1:]]))
     router.install()
     p.sd_model.forge_objects.unet = unet
-    log.info("LoRAtorio (%s): %d LoRAs, mode %s, %s evaluation", backend.kind, len(sources), settings.mode,
-             "batched" if batched else "sequential")
+    log.info("LoRAtorio (%s): %d LoRAs composed, %d global, mode %s, %s evaluation", backend.kind, len(sources),
+             len(globals_), settings.mode, "batched" if batched else "sequential")
     return state
 
 

@@ -67,32 +67,52 @@ def merged_unet(unet: UNet, loras: Sequence[dict[str, LowRank]]) -> UNet:
     return model
 
 
+def scaled(lora: dict[str, LowRank], multiplier: float) -> dict[str, LowRank]:
+    """The LoRA at another strength, as `<lora:name:multiplier>` sets it (same factors, scale × multiplier)."""
+    if multiplier == 1.0:
+        return lora
+    return {k: LowRank(a.down, a.up, a.alpha, a.mid, multiplier=a.multiplier * multiplier) for k, a in lora.items()}
+
+
+def global_names(settings: Settings, skills: Sequence[str]) -> list[str]:
+    """The prompt's LoRAs that `global_loras` names (a name not in the prompt is ignored, as the hosts do)."""
+    return [s for s in skills if s in settings.global_list()]
+
+
 @torch.no_grad()
 def sample(mini: Miniature, skills: Sequence[str], method: str, seeds: Sequence[int],
-           config: SampleConfig = SampleConfig()) -> tuple[Tensor, Tensor | None]:
-    """Images (B, 3, 32, 32) for the prompt listing `skills`, and LoRAtorio's step-averaged Ω (N, B, 1, 16, 16)."""
+           config: SampleConfig = SampleConfig(), multiplier: float = 1.0) -> tuple[Tensor, Tensor | None]:
+    """Images (B, 3, 32, 32) for the prompt listing `skills`, and LoRAtorio's step-averaged Ω (N, B, 1, 16, 16).
+
+    multiplier: every LoRA's strength. LoRAs named in the settings' `global_loras` are merged into the model for
+    every row and leave the composition; with fewer than two left, every LoRA is merged (as on the hosts).
+    """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     b = len(seeds)
-    ctx = mini.text_encoder(tokenize([list(skills)] * b + [[]] * b))
+    ctx = mini.text_encoder(tokenize([mini.prompt(skills)] * b + [[]] * b, mini.vocab))
     sigmas = karras_sigmas(config.steps)
     x = noise(seeds, float(sigmas[0]))
     maps: list[Tensor] = []
-    if method in ("base", "merge", "merge_all"):
-        pool = {"base": [], "merge": [mini.loras[s] for s in skills],
-                "merge_all": [mini.loras[s] for s in SKILL_TOKENS]}[method]
+    lora = {s: scaled(mini.loras[s], multiplier) for s in SKILL_TOKENS}
+    names = list(SKILL_TOKENS) if method == "loratorio_dynamic" else list(skills)
+    glob = global_names(config.settings, names) if method not in ("base", "merge", "merge_all") else []
+    names = [s for s in names if s not in glob]
+    if method in ("base", "merge", "merge_all") or len(names) < 2:
+        pool = {"base": [], "merge": [lora[s] for s in skills],
+                "merge_all": [lora[s] for s in SKILL_TOKENS]}.get(method, [lora[s] for s in glob + names])
         den = Denoiser(merged_unet(mini.unet, pool)) if pool else mini.denoiser
 
         def model(xin: Tensor, sin: Tensor, _step: int) -> Tensor:
             return den(xin, sin, ctx)
         return decode_latent(_run(model, x, sigmas, config.cfg)), None
-    names = list(SKILL_TOKENS) if method == "loratorio_dynamic" else list(skills)
     mode = "loratorio" if method.startswith("loratorio") else method
-    top_k = len(skills) if method == "loratorio_dynamic" else 0
+    top_k = len(skills) - len(glob) if method == "loratorio_dynamic" else 0
     settings = Settings(**{**config.settings.to_dict(), "enabled": True, "mode": mode, "top_k": top_k})
-    den = mini.denoiser
+    unet = merged_unet(mini.unet, [lora[s] for s in glob]) if glob else mini.unet
+    den = Denoiser(unet)
     layout = BatchLayout.cond_then_uncond(b)
-    with MultiAdapter(mini.unet, [mini.loras[s] for s in names]) as router:
+    with MultiAdapter(unet, [lora[s] for s in names]) as router:
         composer = Composer(router, settings)
 
         def model(xin: Tensor, sin: Tensor, step: int) -> Tensor:
