@@ -11,6 +11,7 @@ COMMANDS = {
     "speed": ("loratorio.bench.speed", "time and memory per step: plain, merged, LoRAtorio batched/sequential, floor"),
     "quality": ("loratorio.bench.quality", "composition score and quality of every method on the CPU miniature"),
     "train": ("loratorio.bench.train", "train the miniature (base model, skill LoRAs, judge) from scratch"),
+    "tune": ("loratorio.bench.tune", "LoRAtorio's options on the miniature's tuning half (chose the defaults)"),
 }
 
 
