@@ -25,7 +25,7 @@ from torch import Tensor
 from loratorio.core import Settings, merged_weight
 from loratorio.miniworld.bundle import WEIGHTS, Miniature, load
 from loratorio.miniworld.judge import composition_score, confidence, frechet_distance, requested_present, targets
-from loratorio.miniworld.sampling import METHODS, SampleConfig, sample
+from loratorio.miniworld.sampling import METHODS, SampleConfig, divergence_spread, sample
 from loratorio.miniworld.world import (
     SKILL_TOKENS,
     SPLIT_SEED_OFFSET,
@@ -93,16 +93,19 @@ class Variant:
     method: str
     settings: tuple[tuple[str, object], ...] = ()
     global_categories: tuple[str, ...] = ()
+    auto_global: float = 0.0  # > 0: LoRAs whose divergence_spread is below this are made global
 
-    def config(self, base: SampleConfig, skills: Sequence[str]) -> SampleConfig:
+    def config(self, base: SampleConfig, skills: Sequence[str], auto: Sequence[str] = ()) -> SampleConfig:
         values = {**base.settings.to_dict(), **dict(self.settings)}
-        if self.global_categories:
-            values["global_loras"] = ",".join(s for s in skills if category_of(s) in self.global_categories)
+        if self.global_categories or auto:
+            values["global_loras"] = ",".join(s for s in skills if category_of(s) in self.global_categories
+                                              or s in auto)
         return SampleConfig(base.steps, base.cfg, Settings(**values))
 
 
-def variant(label: str, method: str, global_categories: Sequence[str] = (), **settings: object) -> Variant:
-    return Variant(label, method, tuple(sorted(settings.items())), tuple(global_categories))
+def variant(label: str, method: str, global_categories: Sequence[str] = (), auto_global: float = 0.0,
+            **settings: object) -> Variant:
+    return Variant(label, method, tuple(sorted(settings.items())), tuple(global_categories), auto_global)
 
 
 @dataclass
@@ -119,6 +122,7 @@ class Records:
     real_features: list[Tensor] = field(default_factory=list)
     # LoRAtorio only: per image and composed LoRA, (skill, mean weight, share of the latent it wins, judged present)
     coverage: list[list[tuple[str, float, float, bool]]] = field(default_factory=list)
+    auto_globals: list[list[str]] = field(default_factory=list)  # per set, the LoRAs the automatic rule made global
 
     def mask(self, ns: Sequence[int] | None = None, kinds: Sequence[str] | None = None) -> list[bool]:
         return [(ns is None or n in ns) and (kinds is None or k in kinds) for n, k in zip(self.n, self.kind,
@@ -136,7 +140,12 @@ def run_variant(mini: Miniature, v: Variant, items: Sequence[Item], config: Samp
         if v.method == "real":
             images = _real(mini, want, list(item.seeds))
         else:
-            cfg = v.config(config, item.skills)
+            auto = []
+            if v.auto_global:
+                spread = divergence_spread(mini, item.skills, item.seeds, config, multiplier)
+                auto = [s for s, c in spread.items() if c < v.auto_global]
+                rec.auto_globals.append(auto)
+            cfg = v.config(config, item.skills, auto)
             images, maps = sample(mini, item.skills, v.method, item.seeds, cfg, multiplier)
         logits = mini.judge(images)
         present = requested_present(logits, want)
@@ -149,7 +158,7 @@ def run_variant(mini: Miniature, v: Variant, items: Sequence[Item], config: Samp
         rec.features += list(mini.judge.features(images))
         rec.real_features += list(mini.judge.features(_real(mini, want, list(item.seeds))))
         if maps is not None and v.method == "loratorio":
-            rec.coverage += _coverage(mini, item, v, config, maps, present)
+            rec.coverage += _coverage(mini, item, v.config(config, item.skills, auto).settings, maps, present)
     return rec
 
 
@@ -157,11 +166,10 @@ def _real(mini: Miniature, want: list, seeds: list[int]) -> Tensor:
     return render_batch(want, seeds) if mini.regime == "weak" else render_scenes(want, seeds)
 
 
-def _coverage(mini: Miniature, item: Item, v: Variant, config: SampleConfig, maps: Tensor,
+def _coverage(mini: Miniature, item: Item, settings: Settings, maps: Tensor,
               present: Tensor) -> list[list[tuple[str, float, float, bool]]]:
     """Per image: each composed LoRA's mean weight, the share of the latent where it has the largest weight, and
     whether the judge found its skill."""
-    settings = v.config(config, item.skills).settings
     composed = [s for s in item.skills if s not in settings.global_list()]
     cats = [_judge_column(mini, s) for s in composed]
     winner = maps.argmax(0)  # (B, 1, H, W)

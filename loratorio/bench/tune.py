@@ -47,6 +47,7 @@ def variants() -> dict[str, Variant]:
         variant("min share 0.1", "loratorio", min_share=0.1), variant("min share 0.2", "loratorio", min_share=0.2),
         variant("global: style", "loratorio", ["style"]),
         variant("global: style + background", "loratorio", ["style", "background"]),
+        variant("global: automatic (spread < 0.7)", "loratorio", auto_global=0.7),
     ]
     return {v.label: v for v in grid}
 

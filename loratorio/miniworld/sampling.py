@@ -13,7 +13,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from loratorio.core import BatchLayout, Composer, LowRank, MultiAdapter, Settings, merged_weight
+from loratorio.core import (
+    BatchLayout,
+    Composer,
+    LowRank,
+    MultiAdapter,
+    Settings,
+    evaluate,
+    merged_weight,
+    patch_similarity,
+    to_eps,
+)
 from loratorio.miniworld.bundle import Miniature
 from loratorio.miniworld.model import LATENT, Denoiser, UNet, decode_latent, karras_sigmas, tokenize
 from loratorio.miniworld.world import SKILL_TOKENS
@@ -77,6 +87,26 @@ def scaled(lora: dict[str, LowRank], multiplier: float) -> dict[str, LowRank]:
 def global_names(settings: Settings, skills: Sequence[str]) -> list[str]:
     """The prompt's LoRAs that `global_loras` names (a name not in the prompt is ignored, as the hosts do)."""
     return [s for s in skills if s in settings.global_list()]
+
+
+@torch.no_grad()
+def divergence_spread(mini: Miniature, skills: Sequence[str], seeds: Sequence[int],
+                      config: SampleConfig = SampleConfig(), multiplier: float = 1.0) -> dict[str, float]:
+    """Per LoRA, the coefficient of variation over patches of its divergence from the base (1 − cosine) at the
+    first step, averaged over the images: low for a LoRA that changes the whole image alike (a style).
+
+    The candidate rule for picking global LoRAs automatically (issue 13); a probe on the first step's noise.
+    """
+    b = len(seeds)
+    ctx = mini.text_encoder(tokenize([mini.prompt(skills)] * b, mini.vocab))
+    sigma = karras_sigmas(config.steps)[0].repeat(b)
+    x = noise(seeds, float(sigma[0]))
+    with MultiAdapter(mini.unet, [scaled(mini.loras[s], multiplier) for s in skills]) as router:
+        preds = evaluate(lambda a: mini.denoiser(*a), (x, sigma, ctx), router)
+    eps = to_eps(x, preds, sigma)
+    div = (1 - patch_similarity(eps[1:], eps[0], config.settings.patch_size)).clamp_min(0).flatten(2)
+    spread = (div.std(-1) / div.mean(-1).clamp_min(1e-12)).mean(-1)
+    return {s: float(c) for s, c in zip(skills, spread, strict=True)}
 
 
 @torch.no_grad()
