@@ -45,6 +45,7 @@ def variants() -> dict[str, Variant]:
         variant("patch 4 (4×4 grid)", "loratorio", patch_size=4),
         variant("reference uncond", "loratorio", reference="uncond"),
         variant("min share 0.1", "loratorio", min_share=0.1), variant("min share 0.2", "loratorio", min_share=0.2),
+        variant("relative", "loratorio", relative=True),
         variant("global: style", "loratorio", ["style"]),
         variant("global: style + background", "loratorio", ["style", "background"]),
         variant("global: automatic (spread < 0.7)", "loratorio", auto_global=0.7),

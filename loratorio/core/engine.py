@@ -142,7 +142,7 @@ class Composer:
                 eps_loras = to_eps(x[cond], eps_loras, sigma[cond])
                 eps_ref = to_eps(x[ref_rows], eps_ref, sigma[ref_rows])
         weights = mode_weights(s.mode, eps_loras, eps_ref, patch_size=s.patch_size, temperature=s.temperature,
-                               top_k=s.top_k or None, step=step, min_share=s.min_share)
+                               top_k=s.top_k or None, step=step, min_share=s.min_share, relative=s.relative)
         self.last_weights, self._weights_step = weights, step
         return weights
 

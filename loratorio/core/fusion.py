@@ -46,13 +46,18 @@ def patch_similarity(eps_loras: Tensor, eps_ref: Tensor, patch_size: int) -> Ten
 
 
 def softmin_weights(similarity: Tensor, temperature: float, top_k: int | None = None,
-                    min_share: float = 0.0) -> Tensor:
+                    min_share: float = 0.0, relative: bool = False) -> Tensor:
     """Ω = SoftMin_τ(S) over the LoRA axis (dim 0), optionally hard-masked to the k least similar (dynamic mode).
 
     min_share > 0 lifts every LoRA's mean weight over each image's patches to at least min_share (`floor_shares`).
+    relative: each LoRA's similarity is taken relative to its own mean over the image's patches, so a LoRA wins
+    where it departs most from its usual divergence, not only where it diverges most in absolute terms.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if relative:
+        # A small skill (a hat) diverges less than a large one everywhere; against its own mean it still stands out.
+        similarity = similarity - similarity.mean(dim=(-2, -1), keepdim=True)
     logits = -similarity / temperature
     n = similarity.shape[0]
     if top_k is not None and 0 < top_k < n:
@@ -97,6 +102,7 @@ def patch_weights(
     temperature: float,
     top_k: int | None = None,
     min_share: float = 0.0,
+    relative: bool = False,
 ) -> Tensor:
     """LoRAtorio's spatial weight map Ω̂^up (paper §3, SoftMin of patch cosine similarity).
 
@@ -104,7 +110,8 @@ def patch_weights(
     Returns (N, B, 1, H, W) fp32 weights summing to 1 over N at every pixel.
     """
     sim = patch_similarity(eps_loras, eps_ref, patch_size)
-    return upsample_weights(softmin_weights(sim, temperature, top_k, min_share), eps_ref.shape[-2:], patch_size)
+    weights = softmin_weights(sim, temperature, top_k, min_share, relative)
+    return upsample_weights(weights, eps_ref.shape[-2:], patch_size)
 
 
 def weighted_sum(preds: Tensor, weights: Tensor) -> Tensor:
