@@ -1,9 +1,10 @@
 """Opt-in smoke tests against a real, running WebUI with this extension installed (pytest -m webui).
 
 Set LORATORIO_WEBUI_URL (e.g. http://127.0.0.1:7861) and LORATORIO_LORAS (two LoRA names, default
-"lora_a,lora_b"); the LoRAs should have UNet weights only, so that prompts with and without a tag differ only in the
-UNet. Skipped cleanly when no WebUI is set. Forge 2.x and reForge serve the same /sdapi/v1 API and
-alwayson_scripts args, so this file is their smoke test too (point LORATORIO_WEBUI_URL at them).
+"lora_a,lora_b"; a third name enables the global-LoRA test); the LoRAs should have UNet weights only, so that prompts
+with and without a tag differ only in the UNet. Skipped cleanly when no WebUI is set. Forge 2.x and reForge serve the
+same /sdapi/v1 API and alwayson_scripts args, so this file is their smoke test too (point LORATORIO_WEBUI_URL at
+them).
 """
 
 from __future__ import annotations
@@ -82,6 +83,23 @@ def test_routed_lora_equals_host_merged_lora():
                            [{"enabled": True, "mode": "switch", "switch_interval": 1000}])
     assert "LoRAtorio warning" not in info["extra_generation_params"]
     assert mean_diff(plain[0], routed[0]) <= 1.0
+
+
+@pytest.mark.skipif(len(LORAS) < 3, reason="needs a third LoRA name in LORATORIO_LORAS")
+def test_global_lora_stays_merged_while_the_others_are_composed():
+    """LoRA c global, a and b composed in Switch mode holding a: base + c merged + a routed = the host's a + c.
+
+    b's text-encoder multiplier is 0, so both requests encode the prompt alike.
+    """
+    plain, _ = txt2img(f" <lora:{LORAS[0]}:1> <lora:{LORAS[2]}:1>")
+    routed, info = txt2img(f" <lora:{LORAS[0]}:1> <lora:{LORAS[1]}:0:1> <lora:{LORAS[2]}:1>",
+                           [{"enabled": True, "mode": "switch", "switch_interval": 1000, "global_loras": LORAS[2]}])
+    params = info["extra_generation_params"]
+    assert "LoRAtorio warning" not in params, params.get("LoRAtorio warning")
+    assert params["LoRAtorio global LoRAs"] == LORAS[2].lower()
+    assert mean_diff(plain[0], routed[0]) <= 1.0
+    without, _ = txt2img(f" <lora:{LORAS[0]}:1>")
+    assert mean_diff(plain[0], without[0]) > 0.5  # c changes the image, so the check above can fail
 
 
 def test_disabled_after_enabled_is_bit_identical():
