@@ -223,6 +223,18 @@ def test_global_lora_is_merged_for_every_row_and_leaves_the_composition(dense):
     assert (got - without).abs().mean() > 1e-3  # composing all three is another image
 
 
+def test_auto_global_runs_as_the_core_engine_and_shows_the_global_map():
+    host, x, c, u = Host(names="abg"), latent(), conds(), conds(seed=8)
+    settings = Settings(**{**ON.to_dict(), "auto_global": 10.0, "show_maps": True})
+    got, state = run(host, settings, x=x, cond=simple(c), uncond=u)
+    assert len(state.composer.composed) == 1 and len(state.router.shared) == 2 and not host.warnings
+    layout = BatchLayout.cond_then_uncond(2)
+    torch.testing.assert_close(got, reference(host, x, simple(c), u, layout, settings))
+    assert (got - reference(host, x, simple(c), u, layout)).abs().mean() > 1e-3
+    maps = state.map_sum / state.map_steps
+    assert maps.shape[0] == 3 and all(maps[i].min() > 0.5 for i in state.router.shared)
+
+
 def test_too_few_composed_loras_besides_the_global_ones_sample_normally():
     host = Host(names="abg")
     settings = Settings(**{**ON.to_dict(), "global_loras": "a,g"})

@@ -139,6 +139,42 @@ def test_global_lora_stays_merged_for_every_row_and_leaves_the_composition(refor
     torch.testing.assert_close(sample(host, x, [c], u), plain_of(host, x, c, u))  # the host's own patcher is intact
 
 
+@pytest.mark.parametrize("reforge", [False, True], ids=["forge", "reforge"])
+def test_auto_global_runs_as_the_core_engine(reforge):
+    host, x, c, u = Host(reforge, count=3), latent(), prompt(), prompt(seed=8)
+    settings = Settings(**{**ON.to_dict(), "auto_global": 10.0})
+    got, state = run(host, settings, x=x, cond=[c], uncond=u)
+    assert len(state.composer.composed) == 1 and len(state.router.shared) == 2 and not host.warnings
+    torch.testing.assert_close(got, reference(host, x, [c], u, settings=settings), rtol=1e-4, atol=1e-4)
+    assert (got - reference(host, x, [c], u)).abs().mean() > 1e-3
+
+
+def test_auto_global_leaves_the_merged_steps_alone():
+    """Steps outside the window run every LoRA at once: a global LoRA must not be added twice there."""
+    host, x, c = Host(count=3), latent(), prompt()
+    host.reset()
+    state = host.install(Settings(**{**ON.to_dict(), "auto_global": 10.0}))
+    try:
+        clone = host.sd_model.forge_objects.unet
+        clone.refresh_loras()  # stripped: base weights
+        state.router.shared = (0, 1)  # as if the first step had made two LoRAs global
+        args = {"input": x, "timestep": SIGMAS[1].repeat(2), "c": {"c_crossattn": c["c_crossattn"]},
+                "cond_or_uncond": [0]}
+        with torch.no_grad():
+            got = state.merged(lambda a: clone.model.apply_model(a["input"], a["timestep"],
+                                                                 c_crossattn=a["c"]["c_crossattn"]), args)
+        assert state.router.shared == (0, 1)
+    finally:
+        forge.remove(state)
+    fresh = Host(count=3)
+    fresh.reset()
+    unet = fresh.sd_model.forge_objects.unet
+    unet.refresh_loras()
+    with torch.no_grad():
+        want = unet.model.apply_model(x, SIGMAS[1].repeat(2), c_crossattn=c["c_crossattn"])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def plain_of(host, x, c, u):
     """The host's merge of every LoRA, sampled on a fresh host."""
     fresh = Host(host.reforge, count=len(host.loras))

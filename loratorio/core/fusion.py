@@ -45,6 +45,13 @@ def patch_similarity(eps_loras: Tensor, eps_ref: Tensor, patch_size: int) -> Ten
     return cos.reshape(n, b, 1, *cos.shape[-2:])
 
 
+def divergence_spread(eps_loras: Tensor, eps_ref: Tensor, patch_size: int) -> Tensor:
+    """Per LoRA (N,): coefficient of variation over the patches of its divergence from the reference (1 − S),
+    averaged over the batch. Low for a LoRA that changes the whole image alike, as a style does."""
+    div = (1 - patch_similarity(eps_loras, eps_ref, patch_size)).clamp_min(0).flatten(2)
+    return (div.std(dim=-1) / div.mean(dim=-1).clamp_min(_NORM_EPS)).mean(dim=-1)
+
+
 def softmin_weights(similarity: Tensor, temperature: float, top_k: int | None = None,
                     min_share: float = 0.0, relative: bool = False) -> Tensor:
     """Ω = SoftMin_τ(S) over the LoRA axis (dim 0), optionally hard-masked to the k least similar (dynamic mode).

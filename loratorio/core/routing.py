@@ -127,6 +127,9 @@ class MultiAdapter:
                                      "take low-rank or dense deltas (use a Callback adapter)")
                 self.targets.setdefault(module, {})[i] = adapter
         self._handles: list = []
+        # Adapters applied to every routed row on top of its own (global LoRAs chosen during sampling); a routing
+        # may not also name them, or their delta would be added twice.
+        self.shared: tuple[int, ...] = ()
         # Per (layer, adapter ids in row order): the adapters' factors stacked for one bmm, or None where the layer
         # cannot take it. Built on first use after install() and dropped by remove().
         self._stacks: dict[tuple[nn.Module, tuple[int, ...]], _Stack | None] = {}
@@ -169,6 +172,9 @@ class MultiAdapter:
         bad = [label for label in set(routing.labels) if label is not None and not 0 <= label < self.n_adapters]
         if bad:
             raise ValueError(f"routing names adapters {sorted(bad)}; this model has {self.n_adapters}")
+        doubled = sorted(set(routing.labels) & set(self.shared))
+        if doubled:
+            raise ValueError(f"routing names adapters {doubled}, which already apply to every row")
         self.slot.set(routing)
         try:
             yield routing
@@ -188,8 +194,19 @@ class MultiAdapter:
             raise ValueError(f"{type(module).__name__} got {output.shape[0]} rows; the routing has {len(routing)}")
         x, table = inputs[0], self.targets[module]
         block = routing.block
-        if block is not None and self._apply_block(module, x, output, block):
-            return output
+        if block is None or not self._apply_block(module, x, output, block):
+            self._apply_groups(module, x, output, routing, table)
+        for label in self.shared:
+            adapter = table.get(label)
+            if adapter is not None:
+                new = adapter.apply(module, x, output)
+                if new is not output:
+                    output.copy_(new)
+        return output
+
+    def _apply_groups(self, module: nn.Module, x: Tensor, output: Tensor, routing: RowRouting,
+                      table: dict[int, Adapter]) -> None:
+        """Each adapter's delta on its own rows, one adapter at a time."""
         for label, rows in routing.groups_on(output.device):
             adapter = table.get(label)
             if adapter is None:  # a LoRA need not target every layer
@@ -202,7 +219,6 @@ class MultiAdapter:
             else:
                 output.index_copy_(0, rows, adapter.apply(module, x.index_select(0, rows),
                                                           output.index_select(0, rows)))
-        return output
 
     def _apply_block(self, module: nn.Module, x: Tensor, output: Tensor,
                      block: tuple[int, int, tuple[int, ...]]) -> bool:

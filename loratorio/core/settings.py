@@ -63,6 +63,10 @@ class Settings:
     min_share: float = field(default=0.0, metadata=_spec(
         "min share", lo=0.0, hi=1.0, help="Coverage floor: every composed LoRA keeps at least this mean weight over "
         "the image (capped at 1/N), so that no requested LoRA is lost (0 = off)."))
+    auto_global: float = field(default=0.0, metadata=_spec(
+        "auto global", lo=0.0, hi=10.0, help="Make a LoRA global (as in 'global LoRAs') when its divergence from the "
+        "base is spread evenly over the image at the first step: spread (std/mean over patches) below this value "
+        "(0 = off)."))
     relative: bool = field(default=False, metadata=_spec(
         "relative", help="Compare each LoRA's divergence with its own average over the image, so that a small "
         "skill wins where it stands out instead of losing every patch to a large one."))

@@ -254,7 +254,7 @@ class GenerationState:
 
     def accumulate_maps(self, layout: BatchLayout) -> None:
         """Running mean of each image's weight map (its first cond row), for the 'show maps' images."""
-        w = self.composer.last_weights
+        w = self.composer.display_weights
         if not self.settings.show_maps or w is None or w.shape[1] != len(layout.cond_rows):
             return
         firsts = [layout.uncond_of_cond.index(j) for j in range(len(layout.uncond_rows))] or [0]

@@ -291,7 +291,7 @@ def all_at_once(tables: list[dict[nn.Module, Adapter]]) -> dict[nn.Module, Adapt
     return {module: Callback(partial(run, adapters)) for module, adapters in per_module.items()}
 
 
-@dataclass(frozen=True)
+@dataclass
 class LoraView:
     """The router as the Composer sees it: only the N LoRAs, not the extra 'all LoRAs' group."""
 
@@ -300,6 +300,14 @@ class LoraView:
 
     def routed(self, labels: Any) -> Any:
         return self.router.routed(labels)
+
+    @property
+    def shared(self) -> tuple[int, ...]:
+        return self.router.shared
+
+    @shared.setter
+    def shared(self, value: tuple[int, ...]) -> None:
+        self.router.shared = value
 
 
 @dataclass
@@ -369,8 +377,13 @@ class GenerationState:
             return self.merged(call, args)
 
     def merged(self, call: Callable[[dict], Tensor], args: dict) -> Tensor:
-        with self.router.routed([self.all_label] * args["input"].shape[0]):
-            return call(args)
+        # The 'all LoRAs' group already holds the global ones: they must not be added a second time.
+        shared, self.router.shared = self.router.shared, ()
+        try:
+            with self.router.routed([self.all_label] * args["input"].shape[0]):
+                return call(args)
+        finally:
+            self.router.shared = shared
 
     def compose_call(self, call: Callable[[dict], Tensor], args: dict, rec: StepRecord) -> Tensor:
         x, sigma, c = args["input"], args["timestep"], args["c"]
@@ -433,7 +446,7 @@ class GenerationState:
 
     def accumulate_maps(self) -> None:
         """Running mean of each image's weight map (first sub-prompt), for the 'show maps' images."""
-        w = self.composer.last_weights
+        w = self.composer.display_weights
         if not self.settings.show_maps or w is None or w.dim() != 5 or w.shape[-1] == 1:
             return
         self.map_sum, self.map_steps = accumulate(self.map_sum, self.map_steps, w[:, :, 0].float().cpu())
