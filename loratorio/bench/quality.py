@@ -93,19 +93,16 @@ class Variant:
     method: str
     settings: tuple[tuple[str, object], ...] = ()
     global_categories: tuple[str, ...] = ()
-    auto_global: float = 0.0  # > 0: LoRAs whose divergence_spread is below this are made global
 
-    def config(self, base: SampleConfig, skills: Sequence[str], auto: Sequence[str] = ()) -> SampleConfig:
+    def config(self, base: SampleConfig, skills: Sequence[str]) -> SampleConfig:
         values = {**base.settings.to_dict(), **dict(self.settings)}
-        if self.global_categories or auto:
-            values["global_loras"] = ",".join(s for s in skills if category_of(s) in self.global_categories
-                                              or s in auto)
+        if self.global_categories:
+            values["global_loras"] = ",".join(s for s in skills if category_of(s) in self.global_categories)
         return SampleConfig(base.steps, base.cfg, Settings(**values))
 
 
-def variant(label: str, method: str, global_categories: Sequence[str] = (), auto_global: float = 0.0,
-            **settings: object) -> Variant:
-    return Variant(label, method, tuple(sorted(settings.items())), tuple(global_categories), auto_global)
+def variant(label: str, method: str, global_categories: Sequence[str] = (), **settings: object) -> Variant:
+    return Variant(label, method, tuple(sorted(settings.items())), tuple(global_categories))
 
 
 @dataclass
@@ -122,7 +119,7 @@ class Records:
     real_features: list[Tensor] = field(default_factory=list)
     # LoRAtorio only: per image and composed LoRA, (skill, mean weight, share of the latent it wins, judged present)
     coverage: list[list[tuple[str, float, float, bool]]] = field(default_factory=list)
-    auto_globals: list[list[str]] = field(default_factory=list)  # per set, the LoRAs the automatic rule made global
+    spread: list[dict[str, float]] = field(default_factory=list)  # per set, each LoRA's divergence spread
 
     def mask(self, ns: Sequence[int] | None = None, kinds: Sequence[str] | None = None) -> list[bool]:
         return [(ns is None or n in ns) and (kinds is None or k in kinds) for n, k in zip(self.n, self.kind,
@@ -140,13 +137,13 @@ def run_variant(mini: Miniature, v: Variant, items: Sequence[Item], config: Samp
         if v.method == "real":
             images = _real(mini, want, list(item.seeds))
         else:
-            auto = []
-            if v.auto_global:
-                spread = divergence_spread(mini, item.skills, item.seeds, config, multiplier)
-                auto = [s for s, c in spread.items() if c < v.auto_global]
-                rec.auto_globals.append(auto)
-            cfg = v.config(config, item.skills, auto)
-            images, maps = sample(mini, item.skills, v.method, item.seeds, cfg, multiplier)
+            cfg = v.config(config, item.skills)
+            if cfg.settings.auto_global:
+                # What the automatic rule reads at the first step, to report which LoRAs it makes global.
+                spread = divergence_spread(mini, item.skills, item.seeds, cfg, multiplier)
+                rec.spread.append(spread)
+            info: dict = {}
+            images, maps = sample(mini, item.skills, v.method, item.seeds, cfg, multiplier, info)
         logits = mini.judge(images)
         present = requested_present(logits, want)
         rec.score += composition_score(logits, want).tolist()
@@ -158,7 +155,8 @@ def run_variant(mini: Miniature, v: Variant, items: Sequence[Item], config: Samp
         rec.features += list(mini.judge.features(images))
         rec.real_features += list(mini.judge.features(_real(mini, want, list(item.seeds))))
         if maps is not None and v.method == "loratorio":
-            rec.coverage += _coverage(mini, item, v.config(config, item.skills, auto).settings, maps, present)
+            rows = [info["loras"].index(s) for s in info["composed"]]
+            rec.coverage += _coverage(mini, info["composed"], maps[rows], present)
     return rec
 
 
@@ -166,11 +164,10 @@ def _real(mini: Miniature, want: list, seeds: list[int]) -> Tensor:
     return render_batch(want, seeds) if mini.regime == "weak" else render_scenes(want, seeds)
 
 
-def _coverage(mini: Miniature, item: Item, settings: Settings, maps: Tensor,
+def _coverage(mini: Miniature, composed: list[str], maps: Tensor,
               present: Tensor) -> list[list[tuple[str, float, float, bool]]]:
     """Per image: each composed LoRA's mean weight, the share of the latent where it has the largest weight, and
     whether the judge found its skill."""
-    composed = [s for s in item.skills if s not in settings.global_list()]
     cats = [_judge_column(mini, s) for s in composed]
     winner = maps.argmax(0)  # (B, 1, H, W)
     out = []
@@ -234,6 +231,19 @@ def quality(rec: Records, ns: Sequence[int]) -> dict[str, float]:
         real = torch.stack([f for f, m in zip(rec.real_features, mask, strict=True) if m])
         fd.append(frechet_distance(feats, real))
     return {"confidence": sum(conf) / len(conf), "fd": sum(fd) / len(fd)}
+
+
+def spread_summary(rec: Records, threshold: float) -> dict[str, dict[str, float]]:
+    """Per category: mean divergence spread, and how often the automatic rule (spread < threshold) makes it global
+    (the rule keeps the most spread LoRA composed; that is ignored here)."""
+    out: dict[str, dict[str, float]] = {}
+    for per_set in rec.spread:
+        for skill, value in per_set.items():
+            cat = out.setdefault(category_of(skill), {"n": 0, "spread": 0.0, "global": 0.0})
+            cat["n"] += 1
+            cat["spread"] += value
+            cat["global"] += value < threshold
+    return {c: {"spread": v["spread"] / v["n"], "global_share": v["global"] / v["n"]} for c, v in out.items()}
 
 
 def coverage_summary(rec: Records) -> dict[str, float]:

@@ -24,6 +24,7 @@ from loratorio.bench.quality import (
     paired,
     plan,
     run_variant,
+    spread_summary,
     summary,
     variant,
 )
@@ -48,7 +49,9 @@ def variants() -> dict[str, Variant]:
         variant("relative", "loratorio", relative=True),
         variant("global: style", "loratorio", ["style"]),
         variant("global: style + background", "loratorio", ["style", "background"]),
-        variant("global: automatic (spread < 0.7)", "loratorio", auto_global=0.7),
+        variant("auto global 0.5", "loratorio", auto_global=0.5),
+        variant("auto global 0.7", "loratorio", auto_global=0.7),
+        variant("auto global 1.0", "loratorio", auto_global=1.0),
     ]
     return {v.label: v for v in grid}
 
@@ -94,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
                             "vs_default": paired(rec, records["LoRAtorio (paper defaults)"], args.ns, kinds)}
             if rec.coverage:
                 row[f"{regime}-coverage"] = coverage_summary(rec)
+            if rec.spread:
+                row[f"{regime}-spread"] = spread_summary(rec, dict(grid[label].settings)["auto_global"])
     out["seconds"] = time.perf_counter() - t0
     print(format_tune(out["rows"], args.regimes))
     args.json.parent.mkdir(parents=True, exist_ok=True)

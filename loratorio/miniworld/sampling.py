@@ -21,9 +21,9 @@ from loratorio.core import (
     Settings,
     evaluate,
     merged_weight,
-    patch_similarity,
     to_eps,
 )
+from loratorio.core.fusion import divergence_spread as core_spread
 from loratorio.miniworld.bundle import Miniature
 from loratorio.miniworld.model import LATENT, Denoiser, UNet, decode_latent, karras_sigmas, tokenize
 from loratorio.miniworld.world import SKILL_TOKENS
@@ -92,11 +92,8 @@ def global_names(settings: Settings, skills: Sequence[str]) -> list[str]:
 @torch.no_grad()
 def divergence_spread(mini: Miniature, skills: Sequence[str], seeds: Sequence[int],
                       config: SampleConfig = SampleConfig(), multiplier: float = 1.0) -> dict[str, float]:
-    """Per LoRA, the coefficient of variation over patches of its divergence from the base (1 − cosine) at the
-    first step, averaged over the images: low for a LoRA that changes the whole image alike (a style).
-
-    The candidate rule for picking global LoRAs automatically (issue 13); a probe on the first step's noise.
-    """
+    """Per LoRA, what `auto_global` reads at the first step: the spread (std/mean over patches) of its divergence
+    from the base, averaged over the images; low for a LoRA that changes the whole image alike (a style)."""
     b = len(seeds)
     ctx = mini.text_encoder(tokenize([mini.prompt(skills)] * b, mini.vocab))
     sigma = karras_sigmas(config.steps)[0].repeat(b)
@@ -104,18 +101,20 @@ def divergence_spread(mini: Miniature, skills: Sequence[str], seeds: Sequence[in
     with MultiAdapter(mini.unet, [scaled(mini.loras[s], multiplier) for s in skills]) as router:
         preds = evaluate(lambda a: mini.denoiser(*a), (x, sigma, ctx), router)
     eps = to_eps(x, preds, sigma)
-    div = (1 - patch_similarity(eps[1:], eps[0], config.settings.patch_size)).clamp_min(0).flatten(2)
-    spread = (div.std(-1) / div.mean(-1).clamp_min(1e-12)).mean(-1)
+    spread = core_spread(eps[1:], eps[0], config.settings.patch_size)
     return {s: float(c) for s, c in zip(skills, spread, strict=True)}
 
 
 @torch.no_grad()
 def sample(mini: Miniature, skills: Sequence[str], method: str, seeds: Sequence[int],
-           config: SampleConfig = SampleConfig(), multiplier: float = 1.0) -> tuple[Tensor, Tensor | None]:
+           config: SampleConfig = SampleConfig(), multiplier: float = 1.0,
+           info: dict | None = None) -> tuple[Tensor, Tensor | None]:
     """Images (B, 3, 32, 32) for the prompt listing `skills`, and LoRAtorio's step-averaged Ω (N, B, 1, 16, 16).
 
     multiplier: every LoRA's strength. LoRAs named in the settings' `global_loras` are merged into the model for
     every row and leave the composition; with fewer than two left, every LoRA is merged (as on the hosts).
+    Ω's rows are the composed LoRAs'; one made global by `auto_global` shows 1 everywhere after the first step.
+    info: if given, receives "loras" (Ω's rows) and "composed" (those that competed per patch to the end).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -148,9 +147,11 @@ def sample(mini: Miniature, skills: Sequence[str], method: str, seeds: Sequence[
         def model(xin: Tensor, sin: Tensor, step: int) -> Tensor:
             out = composer(lambda a: den(*a), (xin, sin, ctx), layout, step, xin, sin)
             if mode == "loratorio":
-                maps.append(composer.last_weights)
+                maps.append(composer.display_weights)
             return out
         images = decode_latent(_run(model, x, sigmas, config.cfg))
+    if info is not None:
+        info["loras"], info["composed"] = names, [names[i] for i in composer.composed]
     return images, (torch.stack(maps).mean(0) if maps else None)
 
 
