@@ -12,11 +12,12 @@ from loratorio.core import ARG_ORDER, Settings
 from loratorio.core.settings import infotext_key
 
 ADVANCED = ("reference", "evaluation", "switch_interval", "start", "end", "reuse", "min_share", "auto_global",
-            "relative")
+            "temperature_end", "relative")
 STEPS = {"patch_size": 1, "temperature": 0.005, "recentre": 0.05, "top_k": 1, "switch_interval": 1, "start": 0.05,
-         "end": 0.05, "reuse": 1, "min_share": 0.01, "auto_global": 0.05}
+         "end": 0.05, "reuse": 1, "min_share": 0.01, "auto_global": 0.05,
+         "temperature_end": 0.005}
 SLIDER_MAX = {"patch_size": 32, "temperature": 1.0, "top_k": 8, "switch_interval": 50, "reuse": 20, "min_share": 0.5,
-              "auto_global": 2.0}
+              "auto_global": 2.0, "temperature_end": 1.0}
 
 
 def _component(gr: Any, f: dataclasses.Field, elem_id: str) -> Any:

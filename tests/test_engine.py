@@ -233,3 +233,13 @@ def test_auto_global_moves_evenly_divergent_loras_to_every_row():
     flat = Composer(_Router(), Settings(enabled=True, patch_size=2, auto_global=10.0))
     flat.fuse(preds, BatchLayout((0,)), 0)
     assert len(flat.composed) == 1 and len(flat.router.shared) == 2
+
+
+def test_temperature_schedule_runs_geometrically_over_the_steps():
+    composer = Composer(_Router(), Settings(enabled=True, temperature=0.2, temperature_end=0.02))
+    assert composer.temperature(3) == 0.2  # no step count known: constant
+    composer.total_steps = 5
+    taus = [composer.temperature(i) for i in range(5)]
+    assert taus[0] == pytest.approx(0.2) and taus[-1] == pytest.approx(0.02)
+    assert taus[2] == pytest.approx((0.2 * 0.02) ** 0.5)
+    assert Composer(_Router(), Settings(enabled=True, temperature=0.2)).temperature(4) == 0.2

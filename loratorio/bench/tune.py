@@ -47,6 +47,8 @@ def variants() -> dict[str, Variant]:
         variant("reference uncond", "loratorio", reference="uncond"),
         variant("min share 0.1", "loratorio", min_share=0.1), variant("min share 0.2", "loratorio", min_share=0.2),
         variant("relative", "loratorio", relative=True),
+        variant("τ 0.2 → 0.02 over the steps", "loratorio", temperature=0.2, temperature_end=0.02),
+        variant("τ 0.02 → 0.2 over the steps", "loratorio", temperature=0.02, temperature_end=0.2),
         variant("global: style", "loratorio", ["style"]),
         variant("global: style + background", "loratorio", ["style", "background"]),
         variant("auto global 0.5", "loratorio", auto_global=0.5),

@@ -64,6 +64,7 @@ class Composer:
         # The LoRAs that compete per patch; `auto_global` moves the others to every row after the first step.
         self.composed: tuple[int, ...] = tuple(range(router.n_adapters))
         self._globals_chosen = False
+        self.total_steps: int | None = None  # set by the host: the temperature schedule needs it
 
     def groups(self, step: int, layout: BatchLayout | None = None, batch: int | None = None) -> tuple[int | None, ...]:
         """Which models a step evaluates (None = base): Switch one LoRA, Composite all LoRAs, LoRAtorio base too.
@@ -146,12 +147,20 @@ class Composer:
             if x is not None:
                 eps_loras = to_eps(x[cond], eps_loras, sigma[cond])
                 eps_ref = to_eps(x[ref_rows], eps_ref, sigma[ref_rows])
-        weights = mode_weights(s.mode, eps_loras, eps_ref, patch_size=s.patch_size, temperature=s.temperature,
+        weights = mode_weights(s.mode, eps_loras, eps_ref, patch_size=s.patch_size, temperature=self.temperature(step),
                                top_k=s.top_k or None, step=step, min_share=s.min_share, relative=s.relative)
         self.last_weights, self._weights_step = weights, step
         if s.auto_global > 0 and s.mode == "loratorio" and not self._globals_chosen and eps_ref is not None:
             self._choose_globals(eps_loras, eps_ref)
         return weights
+
+    def temperature(self, step: int) -> float:
+        """τ at this step: `temperature` throughout, or geometric from it to `temperature_end` over the steps."""
+        s, total = self.settings, self.total_steps
+        if not s.temperature_end or not total or total < 2:
+            return s.temperature
+        frac = min(1.0, step / (total - 1))
+        return s.temperature ** (1 - frac) * s.temperature_end ** frac
 
     def _choose_globals(self, eps_loras: Tensor, eps_ref: Tensor) -> None:
         """After the first step, LoRAs whose divergence is spread evenly over the image apply to every row (merged,

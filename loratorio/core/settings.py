@@ -67,6 +67,9 @@ class Settings:
         "auto global", lo=0.0, hi=10.0, help="Make a LoRA global (as in 'global LoRAs') when its divergence from the "
         "base is spread evenly over the image at the first step: spread (std/mean over patches) below this value "
         "(0 = off)."))
+    temperature_end: float = field(default=0.0, metadata=_spec(
+        "temperature end", lo=0.0, hi=10.0, help="Temperature at the last step; τ moves geometrically from "
+        "'temperature' to it over the steps (0 = constant τ)."))
     relative: bool = field(default=False, metadata=_spec(
         "relative", help="Compare each LoRA's divergence with its own average over the image, so that a small "
         "skill wins where it stands out instead of losing every patch to a large one."))

@@ -201,6 +201,7 @@ class GenerationState:
     def begin_step(self, x_in: Tensor, sigma_in: Tensor, n_cond: int, n_images: int, step: int, total: int) -> None:
         """cfg_denoiser callback: note this step's layout; steps outside the window run the host's plain path."""
         self.record = StepRecord()
+        self.composer.total_steps = total
         if not self.active(step, total):
             return
         try:

@@ -354,6 +354,7 @@ class GenerationState:
     def begin_step(self, cond: list, uncond: Any, cond_scale: float, model_options: dict) -> None:
         """Conditioning modifier: a new step; cond's strengths are what the host's CFG multiplies by."""
         step, total = getattr(self.denoiser, "step", 0), getattr(self.denoiser, "total_steps", 0) or 0
+        self.composer.total_steps = total
         active = self.failed is None and not self.removed and in_window(
             step, total, self.settings.start, self.settings.end)
         strength = sum(c.get("strength", 1) for c in cond)

@@ -143,6 +143,7 @@ def sample(mini: Miniature, skills: Sequence[str], method: str, seeds: Sequence[
     layout = BatchLayout.cond_then_uncond(b)
     with MultiAdapter(unet, [lora[s] for s in names]) as router:
         composer = Composer(router, settings)
+        composer.total_steps = config.steps
 
         def model(xin: Tensor, sin: Tensor, step: int) -> Tensor:
             out = composer(lambda a: den(*a), (xin, sin, ctx), layout, step, xin, sin)
