@@ -18,6 +18,12 @@ from loratorio.miniworld.train import PHASES, PRESETS, REGIMES, TrainConfig, tra
 from loratorio.miniworld.world import SKILL_TOKENS
 
 
+def _flag(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("true", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loratorio.bench train", description=__doc__)
     parser.add_argument("--out", type=Path, default=None,
@@ -30,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="with the loras phase: train only these skills' LoRAs (to split a long run)")
     for f in dataclasses.fields(TrainConfig):
         kind = str if f.name in ("regime", "lora_dtype") else type(f.default)
+        if kind is bool:
+            kind = _flag
         choices = REGIMES if f.name == "regime" else None
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None, choices=choices,
                             help=f"weak preset: {f.default}; strong: {getattr(PRESETS['strong'], f.name)}")
