@@ -42,7 +42,19 @@ log = logging.getLogger(__name__)
 REGIMES = ("weak", "strong")
 LABELS = {"base": "Base (no LoRA)", "merge": "Merge", "switch": "Switch", "composite": "Composite",
           "loratorio": "LoRAtorio", "loratorio_dynamic": "LoRAtorio-dynamic (8 loaded, top-k=N)",
-          "merge_all": "Merge-all (8 loaded)", "real": "Real renders (judge ceiling)"}
+          "merge_all": "Merge-all (8 loaded)", "real": "Real renders (judge ceiling)",
+          "loratorio_paper": "LoRAtorio, paper settings"}
+# The paper's method as the project shipped it before issue 13: every option added since switched off.
+PAPER = {"temperature": 0.05, "recentre": 0.5, "min_share": 0.0, "auto_global": 0.0, "relative": False,
+         "temperature_end": 0.0, "global_loras": ""}
+CHOICES = ["real", "loratorio_paper", *METHODS]
+
+
+def method_variant(method: str) -> Variant:
+    """A method of the table: the sampling method, or LoRAtorio with the paper's settings (`loratorio_paper`)."""
+    if method == "loratorio_paper":
+        return variant(LABELS[method], "loratorio", **PAPER)
+    return variant(LABELS[method], method)
 # SD1.5's default patch of 8 latent px is 1/8 of its 64-px latent side; the same fraction of our 16-px latent is 2.
 SIDE_FRACTION_DEFAULT = 2
 # A composed LoRA whose step-averaged weight is highest on under this share of the latent has (nearly) lost its skill.
@@ -336,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", type=Path, default=WEIGHTS)
     parser.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=REGIMES)
     parser.add_argument("--half", default="test", choices=("tune", "test", "all"))
-    parser.add_argument("--methods", nargs="+", default=["real", *METHODS], choices=["real", *METHODS])
+    parser.add_argument("--methods", nargs="+", default=CHOICES, choices=CHOICES)
     parser.add_argument("--n", type=int, nargs="+", default=[2, 3, 4], dest="ns")
     parser.add_argument("--per-set", type=int, default=4, help="images (seeds) per composition set")
     parser.add_argument("--seed", type=int, default=0, help="seed offset; repeat with others to measure variance")
@@ -349,8 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--switch-interval", type=int, default=1)
     parser.add_argument("--multipliers", type=float, nargs="*", default=[0.5, 0.75, 1.0, 1.5],
                         help="strength sweep: every LoRA at each multiplier (1 is the main table's)")
-    parser.add_argument("--sweep-methods", nargs="*", default=["merge", "switch", "composite", "loratorio"],
-                        choices=METHODS)
+    parser.add_argument("--sweep-methods", nargs="*", choices=CHOICES[1:],
+                        default=["merge", "switch", "composite", "loratorio_paper", "loratorio"])
     parser.add_argument("--json", type=Path, default=Path("out/quality.json"))
     parser.add_argument("--plot", type=Path, default=Path("out/strength.png"))
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 avoids spin-waits when shared)")
@@ -372,13 +384,15 @@ def main(argv: list[str] | None = None) -> int:
             mults = [1.0] + [m for m in args.multipliers if m != 1.0] if method in args.sweep_methods else [1.0]
             for m in mults:
                 t = time.perf_counter()
-                records[(method, m)] = run_variant(mini, variant(LABELS[method], method), items, config, m)
+                records[(method, m)] = run_variant(mini, method_variant(method), items, config, m)
                 log.info("%s %s ×%g: %.3f in %.0f s", regime, method, m,
                          summary(records[(method, m)], args.ns)["avg"], time.perf_counter() - t)
-        out: dict = {"sets": len(items), "images": sum(len(i.seeds) for i in items), "tables": {}, "sweep": {}}
+        out: dict = {"tables": {}, "sweep": {}, "counts": {}}
         for subset, kinds in kinds_list:
             if kinds and not any(k in kinds for i in items for k in [i.kind]):
                 continue
+            chosen = [i for i in items if kinds is None or i.kind in kinds]
+            out["counts"][subset] = {"sets": len(chosen), "images": sum(len(i.seeds) for i in chosen)}
             rows = {}
             for method in args.methods:
                 rec = records[(method, 1.0)]
@@ -400,7 +414,9 @@ def main(argv: list[str] | None = None) -> int:
     report["seconds"] = time.perf_counter() - t0
     for regime, out in report["regimes"].items():
         for subset, rows in out["tables"].items():
-            print(f"\n{regime} regime, {args.half} half, {subset} sets ({out['sets']} sets, {out['images']} images):")
+            count = out["counts"][subset]
+            print(f"\n{regime} regime, {args.half} half, {subset} sets ({count['sets']} sets, {count['images']} "
+                  "images):")
             print(format_table(rows, args.ns, with_quality=subset == "all"))
             if args.multipliers:
                 print(f"\nstrength sweep ({regime}, {subset} sets), average score over N:")
