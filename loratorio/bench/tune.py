@@ -54,6 +54,13 @@ def variants() -> dict[str, Variant]:
         variant("auto global 0.5", "loratorio", auto_global=0.5),
         variant("auto global 0.7", "loratorio", auto_global=0.7),
         variant("auto global 1.0", "loratorio", auto_global=1.0),
+        # Combinations of the options that helped alone on the weak half.
+        variant("relative + τ 0.02", "loratorio", relative=True, temperature=0.02),
+        variant("relative + τ 0.2", "loratorio", relative=True, temperature=0.2),
+        variant("relative + min share 0.1", "loratorio", relative=True, min_share=0.1),
+        variant("relative + auto global 0.7", "loratorio", relative=True, auto_global=0.7),
+        variant("relative + auto global 0.7 + τ 0.2", "loratorio", relative=True, auto_global=0.7, temperature=0.2),
+        variant("relative + global: style + background", "loratorio", ["style", "background"], relative=True),
     ]
     return {v.label: v for v in grid}
 
