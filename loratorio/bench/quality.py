@@ -364,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep-methods", nargs="*", choices=CHOICES[1:],
                         default=["merge", "switch", "composite", "loratorio_paper", "loratorio"])
     parser.add_argument("--json", type=Path, default=Path("out/quality.json"))
+    parser.add_argument("--from-json", type=Path, nargs="+", default=[],
+                        help="sample nothing: print and plot the regimes of earlier --json reports together")
     parser.add_argument("--plot", type=Path, default=Path("out/strength.png"))
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 avoids spin-waits when shared)")
     args = parser.parse_args(argv)
@@ -374,8 +376,11 @@ def main(argv: list[str] | None = None) -> int:
     config = SampleConfig(args.steps, args.cfg, settings)
     t0 = time.perf_counter()
     report: dict = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "regimes": {}}
+    report["args"]["from_json"] = [str(p) for p in args.from_json]
     panels: dict[str, dict] = {}
-    for regime in args.regimes:
+    for path in args.from_json:
+        report["regimes"].update(json.loads(path.read_text())["regimes"])
+    for regime in [] if args.from_json else args.regimes:
         mini = load(args.weights, regime)
         items = plan(regime, args.ns, args.half, args.per_set, args.seed)
         kinds_list = [("all", None)] + ([("two", ["two"])] if regime == "strong" else [])
@@ -406,13 +411,13 @@ def main(argv: list[str] | None = None) -> int:
             sweep = {LABELS[m]: {str(k): summary(records[(m, k)], args.ns, kinds) for k in args.multipliers}
                      for m in args.sweep_methods}
             out["sweep"][subset] = sweep
-            if args.multipliers:
-                name = f"{regime} LoRAs" + (", two-character sets" if subset == "two" else "")
-                panels[name] = sweep
         out["single_lora"] = single_lora_report(mini, args.per_set, args.seed, config)
         report["regimes"][regime] = out
     report["seconds"] = time.perf_counter() - t0
     for regime, out in report["regimes"].items():
+        for subset, sweep in out["sweep"].items():
+            if args.multipliers:
+                panels[f"{regime} LoRAs" + (", two-character sets" if subset == "two" else "")] = sweep
         for subset, rows in out["tables"].items():
             count = out["counts"][subset]
             print(f"\n{regime} regime, {args.half} half, {subset} sets ({count['sets']} sets, {count['images']} "
