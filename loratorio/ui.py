@@ -11,10 +11,12 @@ from typing import Any
 from loratorio.core import ARG_ORDER, Settings
 from loratorio.core.settings import infotext_key
 
-ADVANCED = ("reference", "evaluation", "switch_interval", "start", "end", "reuse", "full_every")
+ADVANCED = ("reference", "evaluation", "switch_interval", "start", "end", "reuse", "full_every", "min_share",
+            "auto_global", "temperature_end", "relative")
 STEPS = {"patch_size": 1, "temperature": 0.005, "recentre": 0.05, "top_k": 1, "switch_interval": 1, "start": 0.05,
-         "end": 0.05, "reuse": 1, "full_every": 1}
-SLIDER_MAX = {"patch_size": 32, "temperature": 1.0, "top_k": 8, "switch_interval": 50, "reuse": 20, "full_every": 20}
+         "end": 0.05, "reuse": 1, "full_every": 1, "min_share": 0.01, "auto_global": 0.05, "temperature_end": 0.005}
+SLIDER_MAX = {"patch_size": 32, "temperature": 1.0, "top_k": 8, "switch_interval": 50, "reuse": 20, "full_every": 20,
+              "min_share": 0.5, "auto_global": 2.0, "temperature_end": 1.0}
 
 
 def _component(gr: Any, f: dataclasses.Field, elem_id: str) -> Any:
@@ -26,6 +28,8 @@ def _component(gr: Any, f: dataclasses.Field, elem_id: str) -> Any:
         return gr.Dropdown(choices=list(meta["choices"]), **kwargs)
     if f.type in (bool, "bool"):
         return gr.Checkbox(**kwargs)
+    if f.type in (str, "str"):
+        return gr.Textbox(**kwargs)
     # Slider ranges are the everyday ones; the API accepts the full validated range.
     return gr.Slider(minimum=meta["lo"], maximum=SLIDER_MAX.get(f.name, meta["hi"]), step=STEPS[f.name], **kwargs)
 
@@ -44,6 +48,7 @@ def build(gr: Any, input_accordion: Any, is_img2img: bool) -> list[Any]:
         with gr.Row():
             for name in ("recentre", "top_k", "show_maps"):
                 made[name] = _component(gr, fields[name], elem_id)
+        made["global_loras"] = _component(gr, fields["global_loras"], elem_id)
         with gr.Accordion("Advanced", open=False):
             for name in ADVANCED:
                 made[name] = _component(gr, fields[name], elem_id)

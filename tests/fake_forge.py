@@ -433,14 +433,15 @@ def make_host(loras, reforge=False, multipliers=None, seed=0):
     unet = original
     targets, nets = [], []
     for i, (lora, mult) in enumerate(zip(loras, multipliers, strict=True)):
-        filename = f"/loras/lora_{'ab'[i] if i < 2 else i}.safetensors"
+        letter = "abcdefgh"[i]
+        filename = f"/loras/lora_{letter}.safetensors"
         unet = unet.clone()
         if reforge:
             unet.add_patches(file_patches(lora, True), mult)
         else:
             unet.add_patches(filename=filename, patches=file_patches(lora), strength_patch=mult)
         targets.append([filename, mult, mult])
-        nets.append(SimpleNamespace(name=f"lora_{'ab'[i]}", mentioned_name=f"lora_{'ab'[i]}",
+        nets.append(SimpleNamespace(name=f"lora_{letter}", mentioned_name=f"lora_{letter}",
                                     network_on_disk=SimpleNamespace(filename=filename)))
     sd_model = SimpleNamespace(
         forge_objects_original=SimpleNamespace(unet=original), forge_objects_after_applying_lora=SimpleNamespace(

@@ -22,14 +22,14 @@ ON = Settings(enabled=True, patch_size=4, temperature=0.05)
 class Host:
     """One fake WebUI: UNet with host-merged LoRA layers, two networks, callbacks registered like the script does."""
 
-    def __init__(self, dense=False, specs=None):
-        """specs: per network, {layer: LowRank} or {layer: (module type, weights)} (default: two kohya LoRAs)."""
+    def __init__(self, dense=False, specs=None, names="ab"):
+        """specs: per network, {layer: LowRank} or {layer: (module type, weights)} (default: kohya LoRAs)."""
         self.unet = make_unet()
-        self.loras = [make_lora(self.unet, seed=1), make_lora(self.unet, seed=2)]
+        self.loras = [make_lora(self.unet, seed=1 + i) for i in range(len(names))]
         self.networks_module = fake.NetworksModule()
         self.sd_model = fake.make_sd_model(self.unet, self.networks_module)
         self.networks = [fake.Network(n, lo, self.sd_model, dense=dense)
-                         for n, lo in zip("ab", specs(self.unet) if specs else self.loras, strict=True)]
+                         for n, lo in zip(names, specs(self.unet) if specs else self.loras, strict=True)]
         self.networks_module.loaded_networks[:] = self.networks
         self.opts = fake.Opts()
         self.callbacks = fake.Callbacks([a1111.on_cfg_denoiser], [a1111.on_cfg_denoised])
@@ -76,14 +76,16 @@ def sample(denoiser, x, cond, uncond, s_min_uncond=0.0, eps=False):
 
 
 @torch.no_grad()
-def reference(host, x, cond_rows, uncond, layout, settings=ON):
+def reference(host, x, cond_rows, uncond, layout, settings=ON, merged=()):
     """The same sampling done directly with the core engine: the glue must reproduce it.
 
     Cond and uncond rows are evaluated in separate UNet calls per contiguous run, so contexts of different token
-    lengths work as they do in the host.
+    lengths work as they do in the host. `merged`: indices of networks the host keeps merged for every row; the
+    other networks are composed.
     """
     saved = list(host.networks_module.loaded_networks)
-    host.networks_module.loaded_networks.clear()
+    host.networks_module.loaded_networks[:] = [host.networks[i] for i in merged]
+    composed = [lo for i, lo in enumerate(host.loras) if i not in merged]
     conds_list, tensor = cond_rows
     owner = [i for i, c in enumerate(conds_list) for _ in c]
     weights = [w for c in conds_list for _, w in c]
@@ -99,7 +101,7 @@ def reference(host, x, cond_rows, uncond, layout, settings=ON):
             outs.append(xs[sl] - ss[sl].view(-1, 1, 1, 1) * host.unet(xs[sl], ss[sl], ctx))
         return torch.cat(outs)
 
-    with MultiAdapter(host.unet, host.loras) as router:
+    with MultiAdapter(host.unet, composed) as router:
         composer = Composer(router, settings)
         for i in range(STEPS):
             x_in = torch.cat([x[owner], x]) if layout.uncond_rows else x[owner]
@@ -212,6 +214,39 @@ def test_exception_inside_a_step_falls_back_to_plain_sampling(monkeypatch):
     s = SIGMAS[3].repeat(2)
     after = denoiser(x, s, u, simple(c), CFG, 0.0, torch.zeros(2, 5, 1, 1))
     torch.testing.assert_close(after, host.denoiser()(x, s, u, simple(c), CFG, 0.0, torch.zeros(2, 5, 1, 1)))
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["low-rank", "dense"])
+def test_global_lora_is_merged_for_every_row_and_leaves_the_composition(dense):
+    host, x, c, u = Host(dense=dense, names="abg"), latent(), conds(), conds(seed=8)
+    settings = Settings(**{**ON.to_dict(), "global_loras": " G , nowhere"})
+    got, state = run(host, settings, x=x, cond=simple(c), uncond=u)
+    assert state.networks == host.networks[:2] and state.global_networks == host.networks[2:]
+    assert host.warnings == ["LoRAtorio: global LoRA(s) nowhere not among the prompt's LoRAs; ignored"]
+    assert host.networks_module.loaded_networks == host.networks  # restored after each call
+    layout = BatchLayout.cond_then_uncond(2)
+    torch.testing.assert_close(got, reference(host, x, simple(c), u, layout, merged=(2,)))
+    without = reference(host, x, simple(c), u, layout, merged=())
+    assert (got - without).abs().mean() > 1e-3  # composing all three is another image
+
+
+def test_auto_global_runs_as_the_core_engine_and_shows_the_global_map():
+    host, x, c, u = Host(names="abg"), latent(), conds(), conds(seed=8)
+    settings = Settings(**{**ON.to_dict(), "auto_global": 10.0, "show_maps": True})
+    got, state = run(host, settings, x=x, cond=simple(c), uncond=u)
+    assert len(state.composer.composed) == 1 and len(state.router.shared) == 2 and not host.warnings
+    layout = BatchLayout.cond_then_uncond(2)
+    torch.testing.assert_close(got, reference(host, x, simple(c), u, layout, settings))
+    assert (got - reference(host, x, simple(c), u, layout)).abs().mean() > 1e-3
+    maps = state.map_sum / state.map_steps
+    assert maps.shape[0] == 3 and all(maps[i].min() > 0.5 for i in state.router.shared)
+
+
+def test_too_few_composed_loras_besides_the_global_ones_sample_normally():
+    host = Host(names="abg")
+    settings = Settings(**{**ON.to_dict(), "global_loras": "a,g"})
+    assert host.install(host.denoiser(), settings) is None
+    assert "2 or more LoRAs in the prompt with a UNet weight besides 2 global; found 1" in host.warnings[-1]
 
 
 def test_declines_clearly():

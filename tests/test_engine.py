@@ -199,3 +199,47 @@ def test_reuse_restarts_when_steps_restart(unet, two_loras, setting):
         second = composer.last_weights
         composer(lambda a: unet(*a), tuple(t[1:3] for t in inputs), BatchLayout((0,), (1,), (0,)), 1)
         assert composer.last_weights is not second and composer.last_weights.shape[1] == 1
+
+
+class _Router:
+    """What the Composer reads off a router when it only fuses: the LoRA count and the shared adapters."""
+
+    n_adapters = 3
+    shared: tuple[int, ...] = ()
+
+
+def test_auto_global_moves_evenly_divergent_loras_to_every_row():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(1, 4, 8, 8, generator=g)
+    local = base.clone()
+    local[..., :2, :2] += 3 * torch.randn(4, 2, 2, generator=g)  # diverges in one corner only
+    even = base + 0.5 * torch.randn(1, 4, 8, 8, generator=g)  # diverges alike everywhere
+    other = base.clone()
+    other[..., 4:, 6:] += 3 * torch.randn(4, 4, 2, generator=g)  # diverges in another corner
+    preds = torch.stack([base, local, even, other])  # base, then three LoRAs
+    router = _Router()
+    composer = Composer(router, Settings(enabled=True, patch_size=2, auto_global=1.0))
+    composer.fuse(preds, BatchLayout((0,)), 0)
+    assert composer.composed == (0, 2) and router.shared == (1,)
+    assert composer.groups(1) == (None, 0, 2)
+    composer.fuse(preds[[0, 1, 3]], BatchLayout((0,)), 1)  # later steps: the composed LoRAs only
+    shown = composer.display_weights
+    assert shown.shape[0] == 3 and torch.equal(shown[1], torch.ones_like(shown[1]))
+    torch.testing.assert_close(shown[[0, 2]], composer.last_weights)
+    off = Composer(_Router(), Settings(enabled=True, patch_size=2))
+    off.fuse(preds, BatchLayout((0,)), 0)
+    assert off.composed == (0, 1, 2) and off.router.shared == ()
+    # every LoRA even: the most spread one still competes (with itself), never none
+    flat = Composer(_Router(), Settings(enabled=True, patch_size=2, auto_global=10.0))
+    flat.fuse(preds, BatchLayout((0,)), 0)
+    assert len(flat.composed) == 1 and len(flat.router.shared) == 2
+
+
+def test_temperature_schedule_runs_geometrically_over_the_steps():
+    composer = Composer(_Router(), Settings(enabled=True, temperature=0.2, temperature_end=0.02))
+    assert composer.temperature(3) == 0.2  # no step count known: constant
+    composer.total_steps = 5
+    taus = [composer.temperature(i) for i in range(5)]
+    assert taus[0] == pytest.approx(0.2) and taus[-1] == pytest.approx(0.02)
+    assert taus[2] == pytest.approx((0.2 * 0.02) ** 0.5)
+    assert Composer(_Router(), Settings(enabled=True, temperature=0.2)).temperature(4) == 0.2

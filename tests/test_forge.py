@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from loratorio.core import BatchLayout, Composer, MemoryBudget, MultiAdapter, Settings
+from loratorio.core import BatchLayout, Composer, MemoryBudget, MultiAdapter, Settings, merged_weight
 from loratorio.hosts import forge
 from tests import fake_forge as fake
 from tests.toy import CTX, make_lora
@@ -19,16 +19,16 @@ CFG = 4.0
 ON = Settings(enabled=True, patch_size=4, temperature=0.05)
 
 
-def loras():
+def loras(count=2):
     unet = fake.make_diffusion_model(forge_linear=False)
-    return [make_lora(unet, seed=1), make_lora(unet, seed=2)]
+    return [make_lora(unet, seed=1 + i) for i in range(count)]
 
 
 class Host:
     """One fake Forge (or reForge) with two LoRAs merged by the host, and the glue's arguments."""
 
-    def __init__(self, reforge=False, multipliers=None, files=None):
-        self.loras = files or loras()
+    def __init__(self, reforge=False, multipliers=None, files=None, count=2):
+        self.loras = files or loras(count)
         self.reforge = reforge
         self.sd_model, self.networks = fake.make_host(self.loras, reforge, multipliers)
         self.after = self.sd_model.forge_objects_after_applying_lora.unet
@@ -75,16 +75,24 @@ def sample(host, x, cond, uncond, cfg=CFG, max_chunks=None, calls=None):
 
 
 @torch.no_grad()
-def reference(host, x, cond, uncond, cfg=CFG, settings=ON):
-    """The same sampling done directly with the core engine on an unmerged model (A1111's batch layout)."""
+def reference(host, x, cond, uncond, cfg=CFG, settings=ON, merged=()):
+    """The same sampling done directly with the core engine on an unmerged model (A1111's batch layout).
+
+    merged: indices of LoRAs merged into the model's weights for every row; the others are composed.
+    """
     model = fake.KModel(fake.make_diffusion_model(forge_linear=False))
+    for i in merged:
+        for name, lora in host.loras[i].items():
+            layer = model.diffusion_model.get_submodule(name)
+            layer.weight += merged_weight(layer, lora)
+    composed = [lo for i, lo in enumerate(host.loras) if i not in merged]
     b, m = x.shape[0], len(cond)
     with_uncond = cfg != 1.0
     layout = BatchLayout(tuple(range(m * b)), tuple(range(m * b, (m + 1) * b)) if with_uncond else (),
                          tuple(i for _ in range(m) for i in range(b)) if with_uncond else ())
     ctx = torch.cat([c["c_crossattn"] for c in cond] + ([uncond["c_crossattn"]] if with_uncond else []))
     strengths = [c["strength"] for c in cond]
-    with MultiAdapter(model.diffusion_model, host.loras) as router:
+    with MultiAdapter(model.diffusion_model, composed) as router:
         composer = Composer(router, settings)
         for i in range(STEPS):
             copies = m + 1 if with_uncond else m
@@ -117,6 +125,61 @@ def test_composes_exactly_like_the_core_engine(reforge):
     host.reset()
     plain = sample(host, x, [c], u)  # the host's own merge of both LoRAs
     assert (got - plain).abs().mean() > 1e-3
+
+
+@pytest.mark.parametrize("reforge", [False, True], ids=["forge", "reforge"])
+def test_global_lora_stays_merged_for_every_row_and_leaves_the_composition(reforge):
+    host, x, c, u = Host(reforge, count=3), latent(), prompt(), prompt(seed=8)
+    settings = Settings(**{**ON.to_dict(), "global_loras": "LoRA_C"})
+    got, state = run(host, settings, x=x, cond=[c], uncond=u)
+    assert [s.name for s in state.networks] == ["lora_a", "lora_b"] and not host.warnings
+    torch.testing.assert_close(got, reference(host, x, [c], u, merged=(2,)), rtol=1e-4, atol=1e-4)
+    assert (got - reference(host, x, [c], u)).abs().mean() > 1e-3  # composing all three is another image
+    host.reset()
+    torch.testing.assert_close(sample(host, x, [c], u), plain_of(host, x, c, u))  # the host's own patcher is intact
+
+
+@pytest.mark.parametrize("reforge", [False, True], ids=["forge", "reforge"])
+def test_auto_global_runs_as_the_core_engine(reforge):
+    host, x, c, u = Host(reforge, count=3), latent(), prompt(), prompt(seed=8)
+    settings = Settings(**{**ON.to_dict(), "auto_global": 10.0})
+    got, state = run(host, settings, x=x, cond=[c], uncond=u)
+    assert len(state.composer.composed) == 1 and len(state.router.shared) == 2 and not host.warnings
+    torch.testing.assert_close(got, reference(host, x, [c], u, settings=settings), rtol=1e-4, atol=1e-4)
+    assert (got - reference(host, x, [c], u)).abs().mean() > 1e-3
+
+
+def test_auto_global_leaves_the_merged_steps_alone():
+    """Steps outside the window run every LoRA at once: a global LoRA must not be added twice there."""
+    host, x, c = Host(count=3), latent(), prompt()
+    host.reset()
+    state = host.install(Settings(**{**ON.to_dict(), "auto_global": 10.0}))
+    try:
+        clone = host.sd_model.forge_objects.unet
+        clone.refresh_loras()  # stripped: base weights
+        state.router.shared = (0, 1)  # as if the first step had made two LoRAs global
+        args = {"input": x, "timestep": SIGMAS[1].repeat(2), "c": {"c_crossattn": c["c_crossattn"]},
+                "cond_or_uncond": [0]}
+        with torch.no_grad():
+            got = state.merged(lambda a: clone.model.apply_model(a["input"], a["timestep"],
+                                                                 c_crossattn=a["c"]["c_crossattn"]), args)
+        assert state.router.shared == (0, 1)
+    finally:
+        forge.remove(state)
+    fresh = Host(count=3)
+    fresh.reset()
+    unet = fresh.sd_model.forge_objects.unet
+    unet.refresh_loras()
+    with torch.no_grad():
+        want = unet.model.apply_model(x, SIGMAS[1].repeat(2), c_crossattn=c["c_crossattn"])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def plain_of(host, x, c, u):
+    """The host's merge of every LoRA, sampled on a fresh host."""
+    fresh = Host(host.reforge, count=len(host.loras))
+    fresh.reset()
+    return sample(fresh, x, [c], u)
 
 
 @pytest.mark.parametrize("case", ["uncond first, one chunk per call", "AND prompt", "AND prompt, one chunk per call",

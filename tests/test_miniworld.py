@@ -14,7 +14,19 @@ from loratorio.miniworld.judge import composition_score, frechet_distance
 from loratorio.miniworld.png import encode_png
 from loratorio.miniworld.sampling import SampleConfig, sample
 from loratorio.miniworld.train import random_attributes
-from loratorio.miniworld.world import CATEGORIES, SKILL_TOKENS, Attributes, category_of, composition_sets, render
+from loratorio.miniworld.world import (
+    CATEGORIES,
+    HYBRIDS,
+    SKILL_TOKENS,
+    Attributes,
+    Scene,
+    category_of,
+    composition_sets,
+    render,
+    render_scene,
+    split_sets,
+    two_character_sets,
+)
 
 # A few fixed ComposLoRA-style sets (N = 2..4) covering every category, two seeds each.
 GUARD_SETS = [["knight", "hat"], ["ghost", "scarf", "sky"], ["knight", "sepia", "grid"],
@@ -52,6 +64,37 @@ def test_composition_sets_follow_composlora():
             assert cats[0] == "character" and len(set(cats)) == n
     with pytest.raises(ValueError):
         composition_sets(5)
+
+
+def test_strong_world_scenes():
+    for attrs in (Attributes(), Attributes(1, 2, 1, 2), Attributes(2, 1, 2, 1)):
+        one = Scene((attrs.character,), attrs.clothing, attrs.style, attrs.background)
+        assert torch.equal(render_scene(one, 5), render(attrs, 5))  # the weak world is the one-figure case
+    pair = Scene.from_skills(["ghost", "knight", "hat"])
+    assert pair == Scene((1, 2), clothing=1) and pair.prompt() == ["knight", "ghost", "hat", "two"]
+    assert pair.labels() == (1, 1, 1, 0, 0) and Scene.from_skills(["knight"]).labels() == (1, 0, 0, 0, 0)
+    # a hybrid figure is neither character, and every kind draws something different from the generic figure
+    assert Scene((3 + len(HYBRIDS) - 1, 0)).labels()[:2] == (0, 0)
+    generic = render_scene(Scene((0, 0)), 9)
+    for kind in range(1, 3 + len(HYBRIDS)):
+        assert (render_scene(Scene((kind, 0)), 9) - generic).abs().sum() > 5.0, kind
+    with pytest.raises(ValueError):
+        Scene((1, 2, 1))
+
+
+def test_the_tuning_and_test_halves_are_fixed_and_disjoint():
+    for n in (2, 3, 4):
+        for kind, sets in (("one", composition_sets(n)), ("two", two_character_sets(n))):
+            tune, test = split_sets(sets, "tune", f"{kind}-{n}"), split_sets(sets, "test", f"{kind}-{n}")
+            assert sorted(tune + test) == list(range(len(sets))) or len(sets) == 1
+            assert not set(tune) & set(test) or len(sets) == 1
+    assert [len(two_character_sets(n)) for n in (2, 3, 4)] == [1, 6, 12]
+    # The split was fixed before any tuning (issue 13); these are its members, so a change cannot go unnoticed.
+    assert split_sets(composition_sets(2), "tune", "one-2") == [3, 4, 5, 7, 10, 11]
+    assert split_sets(composition_sets(3), "tune", "one-3") == [0, 2, 3, 5, 6, 10, 12, 15, 16, 17, 18, 22]
+    assert split_sets(composition_sets(4), "tune", "one-4") == [1, 2, 8, 9, 10, 11, 14, 15]
+    assert split_sets(two_character_sets(3), "tune", "two-3") == [0, 3, 5]
+    assert split_sets(two_character_sets(4), "tune", "two-4") == [0, 1, 2, 3, 4, 9]
 
 
 def test_png_is_valid_and_lossless():

@@ -245,3 +245,18 @@ def test_low_rank_apply_on_non_contiguous_rows(kind):
         assert not y_odd.is_contiguous()
         got = lora.apply(layer, x_odd, y_odd)
     torch.testing.assert_close(got if kind != "linear" else got.transpose(0, 1), expect, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("labels", [[None, 0, None, 0, None, 0], [0, 0, 0, None, None, None]],
+                         ids=["interleaved", "block"])
+def test_shared_adapter_applies_to_every_row_on_top_of_its_own(unet, two_loras, inputs, labels):
+    with MultiAdapter(unet, two_loras) as router:
+        router.shared = (1,)
+        got = run(unet, router, inputs, labels)
+        with pytest.raises(ValueError, match="already apply to every row"):
+            run(unet, router, inputs, [1] * 6)
+    with_b = merged_copy(unet, two_loras[1])
+    both = merged_copy(with_b, two_loras[0])
+    for row, label in enumerate(labels):
+        want = (both if label == 0 else with_b)(*(t[row:row + 1] for t in inputs))[0]
+        torch.testing.assert_close(got[row], want, rtol=1e-4, atol=1e-5)

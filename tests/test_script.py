@@ -48,7 +48,7 @@ def load_entry(monkeypatch, host_modules: dict, sd_model, callbacks: dict, name:
 
     mods = {
         "gradio": module("gradio", Slider=Component, Dropdown=Component, Checkbox=Component, Row=Component,
-                         Accordion=Component),
+                         Accordion=Component, Textbox=Component),
         "modules": module("modules"),
         "modules.scripts": module("modules.scripts", Script=Script, AlwaysVisible=object(), scripts_data=[]),
         "modules.script_callbacks": module("modules.script_callbacks",

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from loratorio.core import Settings
+from loratorio.core import ARG_ORDER, Settings, settings_from_args
 
 
 def test_defaults_are_valid_and_disabled():
@@ -77,3 +77,23 @@ def test_speed_settings_come_after_reuse_in_the_positional_order():
     s = settings_from_args([True, "loratorio", 8, 0.05, 0.5, 0, "cond", "auto", 5, 0.0, 1.0, False, 0, "fast", 6])
     assert (s.speed, s.full_every) == ("fast", 6)
     assert settings_from_args([True]).speed == Settings().speed
+
+
+def test_global_loras_are_names_matched_case_insensitively():
+    s = Settings.from_dict({"global_loras": " Watercolor , ,lineart "})
+    assert s.global_list() == ("watercolor", "lineart")
+    items = [("knight", "Knight_v2"), ("watercolor", None), ("hat", "hat")]
+    glob, rest, missing = s.split_globals(items, lambda item: item)
+    assert glob == [items[1]] and rest == [items[0], items[2]] and missing == ["lineart"]
+    assert Settings().split_globals(items, lambda item: item) == ([], items, [])
+
+
+def test_new_settings_round_trip_through_infotext_and_positional_args():
+    s = Settings(enabled=True, global_loras="style_a,style_b", min_share=0.1)
+    text = s.to_infotext()
+    assert text["LoRAtorio global LoRAs"] == "style_a,style_b" and text["LoRAtorio min share"] == "0.1"
+    assert Settings.from_infotext(text) == s
+    positional = [getattr(s, name) for name in ARG_ORDER]
+    assert settings_from_args(positional) == s
+    with pytest.raises(ValueError, match="'min_share' must be in"):
+        Settings(min_share=1.5)

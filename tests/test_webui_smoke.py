@@ -4,7 +4,7 @@ Set LORATORIO_WEBUI_URL (e.g. http://127.0.0.1:7861). The same tests run for SD1
 the model and the LoRAs (tests/webui/make_models.py writes both sets):
 
   LORATORIO_LORAS       2 or 3 LoRA names composed together (default "lora_a,lora_b"); the first two are also used
-                        alone and in the routed-equals-merged check
+                        alone and in the routed-equals-merged check; a third enables the global-LoRA test
   LORATORIO_TE_LORA     a LoRA with text-encoder parts (on both encoders for SDXL); its tests skip without it
   LORATORIO_CHECKPOINT  part of the loaded checkpoint's name that the tests insist on (e.g. "sdxl-random"), so that an
                         SDXL run cannot silently test another model; unset: whatever is loaded
@@ -140,6 +140,23 @@ def test_routed_lora_equals_host_merged_lora():
                            [{"enabled": True, "mode": "switch", "switch_interval": 1000}])
     assert_composed(info)
     assert mean_diff(plain[0], routed[0]) <= 1.0
+
+
+@pytest.mark.skipif(len(LORAS) < 3, reason="needs a third LoRA name in LORATORIO_LORAS")
+def test_global_lora_stays_merged_while_the_others_are_composed():
+    """LoRA c global, a and b composed in Switch mode holding a: base + c merged + a routed = the host's a + c.
+
+    b's text-encoder multiplier is 0, so both requests encode the prompt alike.
+    """
+    plain, _ = txt2img(f" <lora:{LORAS[0]}:1> <lora:{LORAS[2]}:1>")
+    routed, info = txt2img(f" <lora:{LORAS[0]}:1> <lora:{LORAS[1]}:0:1> <lora:{LORAS[2]}:1>",
+                           [{"enabled": True, "mode": "switch", "switch_interval": 1000, "global_loras": LORAS[2]}])
+    params = info["extra_generation_params"]
+    assert "LoRAtorio warning" not in params, params.get("LoRAtorio warning")
+    assert params["LoRAtorio global LoRAs"] == LORAS[2].lower()
+    assert mean_diff(plain[0], routed[0]) <= 1.0
+    without, _ = txt2img(f" <lora:{LORAS[0]}:1>")
+    assert mean_diff(plain[0], without[0]) > 0.5  # c changes the image, so the check above can fail
 
 
 def test_disabled_after_enabled_is_bit_identical():

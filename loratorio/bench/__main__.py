@@ -14,6 +14,7 @@ COMMANDS = {
     "quality": ("loratorio.bench.quality", "composition score and quality of every method on the CPU miniature"),
     "train": ("loratorio.bench.train", "train the miniature (base model, skill LoRAs, judge) from scratch"),
     "formats": ("loratorio.bench.formats", "LoHa/LoKr from their factors vs a full-size ΔW, one SD-sized layer"),
+    "tune": ("loratorio.bench.tune", "LoRAtorio's options on the miniature's tuning half (chose the defaults)"),
 }
 
 

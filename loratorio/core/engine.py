@@ -6,6 +6,7 @@ like the host's own model output, so the host's CFG (and everything after it) ru
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -14,13 +15,14 @@ import torch
 from torch import Tensor
 
 from loratorio.core.evaluate import batch_size, evaluate, tree_map
-from loratorio.core.fusion import recentre_uncond, to_eps, weighted_sum
+from loratorio.core.fusion import divergence_spread, recentre_uncond, to_eps, weighted_sum
 from loratorio.core.masked import RowMasks
 from loratorio.core.memory import Chunker, MemoryBudget
 from loratorio.core.modes import mode_recentre, mode_weights, switch_index
 from loratorio.core.routing import MultiAdapter
 from loratorio.core.settings import Settings
 
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BatchLayout:
@@ -83,6 +85,10 @@ class Composer:
         self.last_weights: Tensor | None = None
         self._weights_step: int | None = None  # the step last_weights were computed at
         self._full_step: int | None = None  # the step of the last full (base + every LoRA) evaluation
+        # The LoRAs that compete per patch; `auto_global` moves the others to every row after the first step.
+        self.composed: tuple[int, ...] = tuple(range(router.n_adapters))
+        self._globals_chosen = False
+        self.total_steps: int | None = None  # set by the host: the temperature schedule needs it
 
     def groups(self, step: int, layout: BatchLayout | None = None, batch: int | None = None) -> tuple[int | None, ...]:
         """Which models a step evaluates (None = base): Switch one LoRA, Composite all LoRAs, LoRAtorio base too.
@@ -90,14 +96,14 @@ class Composer:
         On a step that reuses the weights, LoRAtorio needs the base only to re-centre the negative; given the host's
         layout and batch size, the base is left out when nothing reads it.
         """
-        s, n = self.settings, self.router.n_adapters
+        s, c = self.settings, self.composed
         if s.mode == "switch":
-            return (switch_index(step, n, s.switch_interval),)
+            return (c[switch_index(step, len(c), s.switch_interval)],)
         if s.mode == "composite":
-            return tuple(range(n))
+            return c
         if layout is not None and self._reusable(step, len(layout.cond_rows)) and not _base_read(layout, s, batch):
-            return tuple(range(n))
-        return (None, *range(n))
+            return c
+        return (None, *c)
 
     def predict(self, fn: Callable[[Any], Tensor], inputs: Any, step: int, unit: int = 1) -> Tensor:
         """The step's model outputs for each of `groups(step)` (base included in LoRAtorio mode), as (G, B, ...).
@@ -146,6 +152,13 @@ class Composer:
             keep = 1.0 if self.fast_rules.uncond == "rows" else 1.0 - mode_recentre(self.settings.mode,
                                                                                    self.settings.recentre)
             masks[:, list(layout.uncond_rows)] = w[:, layout.cond_of_uncond] * keep
+        n = self.router.n_adapters
+        if masks.shape[0] == len(self.composed) < n:
+            # auto_global moved some LoRAs to every row: in the masked pass they weigh 1 on every row, as the full
+            # steps' shared adapters apply them (the masked pass applies no shared adapter itself).
+            full = masks.new_ones(n, *masks.shape[1:])
+            full[list(self.composed)] = masks
+            masks = full
         return masks
 
     def masks(self, weights: Tensor) -> RowMasks:
@@ -210,16 +223,49 @@ class Composer:
             if x is not None:
                 eps_loras = to_eps(x[cond], eps_loras, sigma[cond])
                 eps_ref = to_eps(x[ref_rows], eps_ref, sigma[ref_rows])
-        weights = mode_weights(s.mode, eps_loras, eps_ref, patch_size=s.patch_size, temperature=s.temperature,
-                               top_k=s.top_k or None, step=step)
+        weights = mode_weights(s.mode, eps_loras, eps_ref, patch_size=s.patch_size, temperature=self.temperature(step),
+                               top_k=s.top_k or None, step=step, min_share=s.min_share, relative=s.relative)
         self.last_weights, self._weights_step = weights, step
+        if s.auto_global > 0 and s.mode == "loratorio" and not self._globals_chosen and eps_ref is not None:
+            self._choose_globals(eps_loras, eps_ref)
         return weights
+
+    def temperature(self, step: int) -> float:
+        """τ at this step: `temperature` throughout, or geometric from it to `temperature_end` over the steps."""
+        s, total = self.settings, self.total_steps
+        if not s.temperature_end or not total or total < 2:
+            return s.temperature
+        frac = min(1.0, step / (total - 1))
+        return s.temperature ** (1 - frac) * s.temperature_end ** frac
+
+    def _choose_globals(self, eps_loras: Tensor, eps_ref: Tensor) -> None:
+        """After the first step, LoRAs whose divergence is spread evenly over the image apply to every row (merged,
+        in effect) instead of competing per patch; at least one LoRA stays composed."""
+        self._globals_chosen = True
+        spread = divergence_spread(eps_loras, eps_ref, self.settings.patch_size).tolist()
+        ranked = sorted(zip(spread, self.composed, strict=True), reverse=True)
+        chosen = tuple(sorted(i for v, i in ranked[1:] if v < self.settings.auto_global))
+        if chosen:
+            self.router.shared = chosen
+            self.composed = tuple(i for i in self.composed if i not in chosen)
+            log.info("LoRAtorio: LoRAs %s apply to the whole image (divergence spread %s)", list(chosen),
+                     [round(v, 2) for v in spread])
+
+    @property
+    def display_weights(self) -> Tensor | None:
+        """The last weights with one row per LoRA of the router: a global LoRA's row is 1 everywhere."""
+        w, n = self.last_weights, self.router.n_adapters
+        if w is None or w.shape[0] == n:
+            return w
+        full = w.new_ones((n, *w.shape[1:]))
+        full[list(self.composed)] = w
+        return full
 
     def _reusable(self, step: int, n_cond: int) -> bool:
         """Whether step falls within `reuse` steps after the last computed map, for the same number of cond rows."""
         s, w, last = self.settings, self.last_weights, self._weights_step
         return (s.reuse > 0 and s.mode == "loratorio" and w is not None and last is not None
-                and 0 < step - last <= s.reuse and w.shape[1] == n_cond)
+                and 0 < step - last <= s.reuse and w.shape[1] == n_cond and w.shape[0] == len(self.composed))
 
 
 def _base_read(layout: BatchLayout, settings: Settings, batch: int | None) -> bool:

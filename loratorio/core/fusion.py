@@ -5,6 +5,8 @@ Pure tensor functions; they know nothing about models, samplers or hosts.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -43,17 +45,55 @@ def patch_similarity(eps_loras: Tensor, eps_ref: Tensor, patch_size: int) -> Ten
     return cos.reshape(n, b, 1, *cos.shape[-2:])
 
 
-def softmin_weights(similarity: Tensor, temperature: float, top_k: int | None = None) -> Tensor:
-    """Ω = SoftMin_τ(S) over the LoRA axis (dim 0), optionally hard-masked to the k least similar (dynamic mode)."""
+def divergence_spread(eps_loras: Tensor, eps_ref: Tensor, patch_size: int) -> Tensor:
+    """Per LoRA (N,): coefficient of variation over the patches of its divergence from the reference (1 − S),
+    averaged over the batch. Low for a LoRA that changes the whole image alike, as a style does."""
+    div = (1 - patch_similarity(eps_loras, eps_ref, patch_size)).clamp_min(0).flatten(2)
+    return (div.std(dim=-1) / div.mean(dim=-1).clamp_min(_NORM_EPS)).mean(dim=-1)
+
+
+def softmin_weights(similarity: Tensor, temperature: float, top_k: int | None = None,
+                    min_share: float = 0.0, relative: bool = False) -> Tensor:
+    """Ω = SoftMin_τ(S) over the LoRA axis (dim 0), optionally hard-masked to the k least similar (dynamic mode).
+
+    min_share > 0 lifts every LoRA's mean weight over each image's patches to at least min_share (`floor_shares`).
+    relative: each LoRA's similarity is taken relative to its own mean over the image's patches, so a LoRA wins
+    where it departs most from its usual divergence, not only where it diverges most in absolute terms.
+    """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if relative:
+        # A small skill (a hat) diverges less than a large one everywhere; against its own mean it still stands out.
+        similarity = similarity - similarity.mean(dim=(-2, -1), keepdim=True)
     logits = -similarity / temperature
     n = similarity.shape[0]
     if top_k is not None and 0 < top_k < n:
         # Keep the k most divergent LoRAs of each patch; masking logits (not weights) renormalises for free.
         kth = logits.topk(top_k, dim=0).values[-1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
+    if min_share > 0:
+        logits = floor_shares(logits, min_share)
     return logits.softmax(dim=0)
+
+
+def floor_shares(logits: Tensor, min_share: float, iterations: int = 30) -> Tensor:
+    """Logits (N, B, 1, h, w) plus one offset per LoRA and image, so that each LoRA's mean weight is >= min_share.
+
+    A LoRA that wins no patch is a requested skill lost from the image. Raising its logits everywhere by the same
+    offset keeps its own map's shape (it gains first where it was closest to winning) and changes nothing for a LoRA
+    already above the floor. The floor is capped at 1/N; the offsets are found by multiplicative updates (each
+    raises a LoRA's share towards the floor) and stay 0 where every share already clears it.
+    """
+    n = logits.shape[0]
+    target = math.log(min(min_share, 1.0 / n) * (1 - 1e-3))
+    offset = logits.new_zeros(n, logits.shape[1], 1, 1, 1)
+    for _ in range(iterations):
+        share = (logits + offset).softmax(dim=0).mean(dim=(-2, -1), keepdim=True)
+        lift = (target - share.clamp_min(1e-12).log()).clamp_min(0)
+        if not lift.any():
+            break
+        offset = offset + lift
+    return logits + offset
 
 
 def upsample_weights(weights: Tensor, size: tuple[int, int], patch_size: int) -> Tensor:
@@ -68,6 +108,8 @@ def patch_weights(
     patch_size: int,
     temperature: float,
     top_k: int | None = None,
+    min_share: float = 0.0,
+    relative: bool = False,
 ) -> Tensor:
     """LoRAtorio's spatial weight map Ω̂^up (paper §3, SoftMin of patch cosine similarity).
 
@@ -75,7 +117,8 @@ def patch_weights(
     Returns (N, B, 1, H, W) fp32 weights summing to 1 over N at every pixel.
     """
     sim = patch_similarity(eps_loras, eps_ref, patch_size)
-    return upsample_weights(softmin_weights(sim, temperature, top_k), eps_ref.shape[-2:], patch_size)
+    weights = softmin_weights(sim, temperature, top_k, min_share, relative)
+    return upsample_weights(weights, eps_ref.shape[-2:], patch_size)
 
 
 def weighted_sum(preds: Tensor, weights: Tensor) -> Tensor:

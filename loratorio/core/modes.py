@@ -38,6 +38,8 @@ def mode_weights(
     top_k: int | None = None,
     step: int = 0,
     switch_interval: int = 5,
+    min_share: float = 0.0,
+    relative: bool = False,
 ) -> Tensor:
     """Ω for one step: LoRAtorio's SoftMin map, Composite's uniform mean, or Switch's one-hot schedule.
 
@@ -48,7 +50,7 @@ def mode_weights(
     if mode == "loratorio":
         if eps_ref is None:
             raise ValueError("loratorio mode needs the base model's reference prediction")
-        return patch_weights(eps_loras, eps_ref, patch_size, temperature, top_k)
+        return patch_weights(eps_loras, eps_ref, patch_size, temperature, top_k, min_share, relative)
     if mode == "composite":
         return torch.full((n, 1, 1, 1, 1), 1.0 / n, device=eps_loras.device)
     if mode == "switch":

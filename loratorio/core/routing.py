@@ -132,6 +132,9 @@ class MultiAdapter:
                                      "Callback adapter)")
                 self.targets.setdefault(module, {})[i] = adapter
         self._handles: list = []
+        # Adapters applied to every routed row on top of its own (global LoRAs chosen during sampling); a routing
+        # may not also name them, or their delta would be added twice.
+        self.shared: tuple[int, ...] = ()
         # Per (layer, adapter ids in row order): the adapters' factors stacked for one bmm, or None where the layer
         # cannot take it. Built on first use after install() and dropped by remove(); likewise the masked stacks.
         self._stacks: dict[tuple[nn.Module, tuple[int, ...]], _Stack | None] = {}
@@ -185,6 +188,9 @@ class MultiAdapter:
         bad = [label for label in set(routing.labels) if label is not None and not 0 <= label < self.n_adapters]
         if bad:
             raise ValueError(f"routing names adapters {sorted(bad)}; this model has {self.n_adapters}")
+        doubled = sorted(set(routing.labels) & set(self.shared))
+        if doubled:
+            raise ValueError(f"routing names adapters {doubled}, which already apply to every row")
         self.slot.set(routing)
         try:
             yield routing
@@ -228,8 +234,19 @@ class MultiAdapter:
                 stack = self._mask_stacks[module] = MaskStack.build(module, table, routing.n_adapters)
             return apply_masked(module, x, output, table, routing, stack)
         block = routing.block
-        if block is not None and self._apply_block(module, x, output, block):
-            return output
+        if block is None or not self._apply_block(module, x, output, block):
+            self._apply_groups(module, x, output, routing, table)
+        for label in self.shared:
+            adapter = table.get(label)
+            if adapter is not None:
+                new = adapter.apply(module, x, output)
+                if new is not output:
+                    output.copy_(new)
+        return output
+
+    def _apply_groups(self, module: nn.Module, x: Tensor, output: Tensor, routing: RowRouting,
+                      table: dict[int, Adapter]) -> None:
+        """Each adapter's delta on its own rows, one adapter at a time."""
         for label, rows in routing.groups_on(output.device):
             adapter = table.get(label)
             if adapter is None:  # a LoRA need not target every layer
@@ -242,7 +259,6 @@ class MultiAdapter:
             else:
                 output.index_copy_(0, rows, adapter.apply(module, x.index_select(0, rows),
                                                           output.index_select(0, rows)))
-        return output
 
     def _attention_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Masked mode, cross-attention: its keys and values act on text tokens, which have no place in the image, so
@@ -310,6 +326,9 @@ class _Stack:
     @classmethod
     def build(cls, layer: nn.Module, adapters: Sequence[Adapter | None]) -> _Stack | None:
         if not isinstance(layer, nn.Linear) or not all(isinstance(a, LowRank) and a.mid is None for a in adapters):
+            return None
+        if any(a.down.requires_grad or a.up.requires_grad for a in adapters):
+            # Factors being trained change every step (and a stack built from them would hold a stale graph).
             return None
         rank, like = max(a.rank for a in adapters), adapters[0].down
         down = like.new_zeros(len(adapters), rank, layer.in_features)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from loratorio.core.modes import MODES
 
@@ -14,6 +14,7 @@ EVALUATIONS = ("auto", "batched", "sequential")
 SPEEDS = ("full", "fast")
 
 INFOTEXT_PREFIX = "LoRAtorio"
+T = TypeVar("T")
 
 
 def _spec(label: str, *, lo: float | None = None, hi: float | None = None, choices: tuple[str, ...] = (),
@@ -64,12 +65,42 @@ class Settings:
     full_every: int = field(default=4, metadata=_spec(
         "full every", lo=1, hi=100, help="Fast speed: evaluate base and every LoRA (and renew the weight map) every "
         "this many steps; 1 = always, as full speed."))
+    # Then, in this order: the composition options measured on the miniature's two regimes.
+    global_loras: str = field(default="", metadata=_spec(
+        "global LoRAs", help="Comma-separated LoRA names merged into the model for the whole image (e.g. a style) "
+        "instead of competing per patch; the others are composed."))
+    min_share: float = field(default=0.0, metadata=_spec(
+        "min share", lo=0.0, hi=1.0, help="Coverage floor: every composed LoRA keeps at least this mean weight over "
+        "the image (capped at 1/N), so that no requested LoRA is lost (0 = off)."))
+    auto_global: float = field(default=0.0, metadata=_spec(
+        "auto global", lo=0.0, hi=10.0, help="Make a LoRA global (as in 'global LoRAs') when its divergence from the "
+        "base is spread evenly over the image at the first step: spread (std/mean over patches) below this value "
+        "(0 = off)."))
+    temperature_end: float = field(default=0.0, metadata=_spec(
+        "temperature end", lo=0.0, hi=10.0, help="Temperature at the last step; τ moves geometrically from "
+        "'temperature' to it over the steps (0 = constant τ)."))
+    relative: bool = field(default=False, metadata=_spec(
+        "relative", help="Compare each LoRA's divergence with its own average over the image, so that a small "
+        "skill wins where it stands out instead of losing every patch to a large one."))
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             _check(f, getattr(self, f.name))
         if self.start >= self.end:
             raise ValueError(f"LoRAtorio setting 'start' ({self.start}) must be less than 'end' ({self.end})")
+
+    def global_list(self) -> tuple[str, ...]:
+        """The names in `global_loras`, stripped and lower-cased (hosts compare LoRA names case-insensitively)."""
+        return tuple(n.strip().lower() for n in self.global_loras.split(",") if n.strip())
+
+    def split_globals(self, items: Sequence[T], names: Callable[[T], Iterable[str]]
+                      ) -> tuple[list[T], list[T], list[str]]:
+        """(global items, composed items, `global_loras` names matching no item); `names` gives an item's names."""
+        wanted = self.global_list()
+        known = [{str(n).lower() for n in names(item) if n} for item in items]
+        glob = [item for item, k in zip(items, known, strict=True) if k.intersection(wanted)]
+        rest = [item for item, k in zip(items, known, strict=True) if not k.intersection(wanted)]
+        return glob, rest, [w for w in wanted if not any(w in k for k in known)]
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of named settings, as the API's named form takes them."""

@@ -30,23 +30,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patch-size", type=int, default=2, help="latent px; the latent is 16×16")
     parser.add_argument("--temperature", type=float, default=0.05)
     parser.add_argument("--weights", type=Path, default=WEIGHTS)
+    parser.add_argument("--regime", default="weak", choices=("weak", "strong"),
+                        help="strong: strong LoRAs, and two characters in the prompt make a two-figure scene")
+    parser.add_argument("--multiplier", type=float, default=1.0, help="every LoRA's strength")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # tiny model: one thread is fastest and never fights a busy machine
     start = time.perf_counter()
-    mini = load(args.weights)
+    mini = load(args.weights, args.regime)
     config = SampleConfig(settings=Settings(enabled=True, patch_size=args.patch_size,
                                             temperature=args.temperature, switch_interval=1))
     columns = []
     maps = None
     for method, _ in COLUMNS:
-        images, w = sample(mini, args.skills, method, args.seeds, config)
+        images, w = sample(mini, args.skills, method, args.seeds, config, args.multiplier)
         columns.append(images)
         maps = w if w is not None else maps
     # Ω averaged over steps, 16×16 latent -> 32×32 image pixels (each latent pixel covers 2×2).
     for i in range(len(args.skills)):
         columns.append(torch.stack([heatmap(m[0]) for m in maps[i]]).repeat_interleave(2, -2).repeat_interleave(2, -1))
     titles = [t for _, t in COLUMNS] + [f"MAP {s}" for s in args.skills]
-    write_png(args.out, _sheet(columns, titles, "PROMPT = " + " ".join(args.skills)))
+    write_png(args.out, _sheet(columns, titles, "PROMPT = " + " ".join(mini.prompt(args.skills))))
     print(f"wrote {args.out} ({len(args.seeds)} seeds × {len(titles)} columns) in {time.perf_counter() - start:.1f} s")
     return 0
 

@@ -242,6 +242,7 @@ class GenerationState:
     composer: Composer
     eps_space: bool
     networks: list = field(default_factory=list)
+    global_networks: list = field(default_factory=list)
     record: StepRecord = field(default_factory=StepRecord)
     failed: str | None = None
     denoiser: Any = None
@@ -252,10 +253,11 @@ class GenerationState:
 
     @contextmanager
     def base_weights(self) -> Iterator[None]:
-        """Empty the host's loaded network list for one call, so its layers compute with base weights."""
+        """Leave only the global networks in the host's loaded list for one call: its layers then compute with the
+        base weights plus the globals merged (the host re-merges a layer when the list changes), for every row."""
         loaded = self.networks_module.loaded_networks
         saved = list(loaded)
-        loaded.clear()
+        loaded[:] = [n for n in saved if any(n is g for g in self.global_networks)]
         try:
             yield
         finally:
@@ -267,6 +269,7 @@ class GenerationState:
     def begin_step(self, x_in: Tensor, sigma_in: Tensor, n_cond: int, n_images: int, step: int, total: int) -> None:
         """cfg_denoiser callback: note this step's layout; steps outside the window run the host's plain path."""
         self.record = StepRecord()
+        self.composer.total_steps = total
         if not self.active(step, total):
             return
         try:
@@ -361,7 +364,7 @@ class GenerationState:
 
     def accumulate_maps(self, layout: BatchLayout) -> None:
         """Running mean of each image's weight map (its first cond row), for the 'show maps' images."""
-        w = self.composer.last_weights
+        w = self.composer.display_weights
         if not self.settings.show_maps or w is None or w.shape[1] != len(layout.cond_rows):
             return
         firsts = [layout.uncond_of_cond.index(j) for j in range(len(layout.uncond_rows))] or [0]
@@ -470,8 +473,12 @@ def install(p: Any, settings: Settings, *, sd_model: Any, networks_module: Any, 
             warn: Any, device: torch.device | None = None) -> GenerationState | None:
     """Take over this sampling pass, or return None (with a warning) when LoRAtorio cannot or need not run."""
     networks = [n for n in networks_module.loaded_networks if n.unet_multiplier != 0]
+    global_networks, networks, missing = settings.split_globals(networks, lambda n: (n.name, n.mentioned_name))
+    if missing:
+        warn(f"LoRAtorio: global LoRA(s) {', '.join(missing)} not among the prompt's LoRAs; ignored")
     if len(networks) < 2:
-        warn(f"LoRAtorio needs 2 or more LoRAs in the prompt with a UNet weight; found {len(networks)}, "
+        also = f" besides {len(global_networks)} global" if global_networks else ""
+        warn(f"LoRAtorio needs 2 or more LoRAs in the prompt with a UNet weight{also}; found {len(networks)}, "
              "sampled normally")
         return None
     if getattr(sd_model, "cond_stage_key", None) == "edit":
@@ -494,7 +501,7 @@ def install(p: Any, settings: Settings, *, sd_model: Any, networks_module: Any, 
     router = MultiAdapter(unet, tables)
     composer = Composer(router, settings, batched=batched, budget=memory_budget(unet, sd_model, device))
     state = GenerationState(settings, networks_module, router, composer, uses_eps(denoiser, base_denoiser_cls),
-                            networks, denoiser=denoiser, warn=warn)
+                            networks, global_networks, denoiser=denoiser, warn=warn)
     state.original_wrap = denoiser.inner_model
     try:
         router.install()
@@ -504,8 +511,8 @@ def install(p: Any, settings: Settings, *, sd_model: Any, networks_module: Any, 
     except BaseException:
         remove(state)
         raise
-    log.info("LoRAtorio: %d LoRAs, mode %s, %s evaluation, speed %s", len(networks), settings.mode,
-             "batched" if batched else "sequential", settings.speed)
+    log.info("LoRAtorio: %d LoRAs composed, %d global, mode %s, %s evaluation, speed %s", len(networks),
+             len(global_networks), settings.mode, "batched" if batched else "sequential", settings.speed)
     return state
 
 

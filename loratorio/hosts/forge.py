@@ -18,7 +18,7 @@ import logging
 import math
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -160,13 +160,20 @@ def reforge_remerge(unet: Any, token: _Token) -> None:
     unet.model.current_weight_patches_uuid = unet.patches_uuid
 
 
-def strip(unet: Any, kind: str) -> None:
-    """Drop the clone's LoRA patches so it loads with base weights (the shared loader restores its backups)."""
+def strip(unet: Any, kind: str, keep: Sequence[LoraSource] = ()) -> None:
+    """Drop the clone's LoRA patches but those of the `keep` files (global LoRAs), so that it loads with base
+    weights plus the globals merged (the shared loader restores its backups, then merges what is left)."""
+    files = {s.filename for s in keep}
     if kind == "forge":
-        unet.lora_patches = {}
+        unet.lora_patches = {k: v for k, v in unet.lora_patches.items() if k[0] in files}
     else:
+        # reForge merges every file's patches per key; the globals' are rebuilt from their own files' patches.
+        patches: dict = {}
+        for source in keep:
+            for key, entries in source.patches.items():
+                patches.setdefault(key, []).extend(entries)
         # reForge skips re-patching while the uuid matches the merged one (model_patcher.py), so it must change.
-        unet.patches, unet.patches_uuid = {}, uuid.uuid4()
+        unet.patches, unet.patches_uuid = patches, uuid.uuid4()
 
 
 def forge_sources(lora_patches: dict, networks_module: Any) -> list[LoraSource]:
@@ -442,7 +449,7 @@ def all_at_once(tables: list[dict[nn.Module, Adapter]]) -> dict[nn.Module, Adapt
     return {module: Callback(partial(run, adapters)) for module, adapters in per_module.items()}
 
 
-@dataclass(frozen=True)
+@dataclass
 class LoraView:
     """The router as the Composer sees it: only the N LoRAs, not the extra 'all LoRAs' group."""
 
@@ -451,6 +458,14 @@ class LoraView:
 
     def routed(self, labels: Any) -> Any:
         return self.router.routed(labels)
+
+    @property
+    def shared(self) -> tuple[int, ...]:
+        return self.router.shared
+
+    @shared.setter
+    def shared(self, value: tuple[int, ...]) -> None:
+        self.router.shared = value
 
 
 @dataclass
@@ -516,6 +531,7 @@ class GenerationState:
 
     def _begin_step(self, cond: list, uncond: Any, cond_scale: float, model_options: dict) -> None:
         step, total = getattr(self.denoiser, "step", 0), getattr(self.denoiser, "total_steps", 0) or 0
+        self.composer.total_steps = total
         active = self.failed is None and not self.removed and in_window(
             step, total, self.settings.start, self.settings.end)
         strength = sum(c.get("strength", 1) for c in cond)
@@ -546,8 +562,13 @@ class GenerationState:
 
     def merged(self, call: Callable[[dict], Tensor], args: dict) -> Tensor:
         """Every LoRA on every row (steps outside the composition window): what the host's merge computes."""
-        with self.router.routed([self.all_label] * args["input"].shape[0]):
-            return call(args)
+        # The 'all LoRAs' group already holds the global ones: they must not be added a second time.
+        shared, self.router.shared = self.router.shared, ()
+        try:
+            with self.router.routed([self.all_label] * args["input"].shape[0]):
+                return call(args)
+        finally:
+            self.router.shared = shared
 
     def compose_call(self, call: Callable[[dict], Tensor], args: dict, rec: StepRecord) -> Tensor:
         x, sigma, c = args["input"], args["timestep"], args["c"]
@@ -658,7 +679,7 @@ class GenerationState:
 
     def accumulate_maps(self) -> None:
         """Running mean of each image's weight map (first sub-prompt), for the 'show maps' images."""
-        w = self.composer.last_weights
+        w = self.composer.display_weights
         if not self.settings.show_maps or w is None or w.dim() != 5 or w.shape[-1] == 1:
             return
         self.map_sum, self.map_steps = accumulate(self.map_sum, self.map_steps, w[:, :, 0].float().cpu())
@@ -761,8 +782,13 @@ def install(p: Any, settings: Settings, *, backend: Backend, networks_module: An
         sources = forge_sources(unet.lora_patches, networks_module)
     else:
         sources = reforge_sources(getattr(sd_model, "current_lora_hash", ""), backend, networks_module)
+    globals_, sources, missing = settings.split_globals(sources, lambda s: (s.name, s.mentioned_name,
+                                                                            _stem(s.filename)))
+    if missing:
+        warn(f"LoRAtorio: global LoRA(s) {', '.join(missing)} not among the prompt's LoRAs; ignored")
     if len(sources) < 2:
-        warn(f"LoRAtorio needs 2 or more LoRAs in the prompt with a UNet weight; found {len(sources)}, "
+        also = f" besides {len(globals_)} global" if globals_ else ""
+        warn(f"LoRAtorio needs 2 or more LoRAs in the prompt with a UNet weight{also}; found {len(sources)}, "
              "sampled normally")
         return None
     holder = TensorHolder()
@@ -779,11 +805,11 @@ def install(p: Any, settings: Settings, *, backend: Backend, networks_module: An
         log.debug("LoRAtorio could not read the LoRAs", exc_info=True)
         warn(f"LoRAtorio: {exc}; sampled normally")
         return None
-    return _patch(p, unet, settings, sources, inject_fault(tables, names), holder, backend, warn)
+    return _patch(p, unet, settings, sources, inject_fault(tables, names), holder, backend, warn, globals_)
 
 
 def _patch(p: Any, unet: Any, settings: Settings, sources: list[LoraSource], tables: list, holder: TensorHolder,
-           backend: Backend, warn: Callable[[str], None]) -> GenerationState:
+           backend: Backend, warn: Callable[[str], None], globals_: Sequence[LoraSource] = ()) -> GenerationState:
     options = unet.model_options
     prev_wrapper, prev_cfg = options.get("model_function_wrapper"), options.get("sampler_cfg_function")
     batched = settings.evaluation == "batched" or (settings.evaluation == "auto" and prev_wrapper is None)
@@ -805,7 +831,7 @@ def _patch(p: Any, unet: Any, settings: Settings, sources: list[LoraSource], tab
 
     patcher = unet.add_extra_torch_module_during_sampling(holder, cast_to_unet_dtype=False)
     options[KEY] = state.token = _Token(unet, modifier, patcher)
-    strip(unet, backend.kind)
+    strip(unet, backend.kind, globals_)
     unet.add_conditioning_modifier(modifier)
     unet.set_model_unet_function_wrapper(wrapper)
     unet.set_model_sampler_cfg_function(cfg)
@@ -813,8 +839,8 @@ def _patch(p: Any, unet: Any, settings: Settings, sources: list[LoraSource], tab
     # what is free, and a larger reservation would make the host offload weights, which costs more than a chunk.
     router.install()
     p.sd_model.forge_objects.unet = unet
-    log.info("LoRAtorio (%s): %d LoRAs, mode %s, %s evaluation", backend.kind, len(sources), settings.mode,
-             "batched" if batched else "sequential")
+    log.info("LoRAtorio (%s): %d LoRAs composed, %d global, mode %s, %s evaluation", backend.kind, len(sources),
+             len(globals_), settings.mode, "batched" if batched else "sequential")
     return state
 
 

@@ -8,19 +8,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from loratorio.miniworld.world import CATEGORIES, Attributes
+from loratorio.miniworld.world import CATEGORIES, Attributes, Scene
 
 
 class Judge(nn.Module):
-    """Image (B, 3, 32, 32) in [0, 1] -> logits (B, 4 categories, 3 values: generic/none, skill 1, skill 2)."""
+    """Image (B, 3, 32, 32) in [0, 1] -> logits (B, categories, 3 values: generic/none, skill 1, skill 2).
 
-    def __init__(self, width: int = 48) -> None:
+    classes: values per category; a category with fewer than 3 (the strong regime's present/absent characters) gets
+    −inf logits for the values it does not have, so every head keeps one shape and its argmax stays in range.
+    """
+
+    def __init__(self, width: int = 48, classes: Sequence[int] = (3,) * len(CATEGORIES)) -> None:
         super().__init__()
+        self.classes = tuple(classes)
         self.conv1 = nn.Conv2d(3, 24, 3, padding=1)
         self.conv2 = nn.Conv2d(24, width, 3, padding=1)
         self.conv3 = nn.Conv2d(width, width, 3, padding=1)
         self.conv4 = nn.Conv2d(width, width, 3, padding=1)
-        self.head = nn.Linear(width, 3 * len(CATEGORIES))
+        self.head = nn.Linear(width, sum(self.classes))
 
     def features(self, img: Tensor) -> Tensor:
         """Pooled trunk features (B, width): also the space of the realism distance."""
@@ -31,18 +36,31 @@ class Judge(nn.Module):
         return F.relu(self.conv4(h)).amax(dim=(-2, -1))
 
     def forward(self, img: Tensor) -> Tensor:
-        return self.head(self.features(img)).view(-1, len(CATEGORIES), 3)
+        flat = self.head(self.features(img))
+        if all(c == 3 for c in self.classes):
+            return flat.view(-1, len(self.classes), 3)
+        out = flat.new_full((flat.shape[0], len(self.classes), 3), float("-inf"))
+        start = 0
+        for i, c in enumerate(self.classes):
+            out[:, i, :c] = flat[:, start:start + c]
+            start += c
+        return out
 
 
-def requested_present(logits: Tensor, requested: Sequence[Attributes]) -> Tensor:
-    """(B, 4) bool: for each requested skill slot, whether the judge's top class is that skill; False elsewhere."""
-    want = torch.tensor([a.as_tuple() for a in requested])
+def targets(requested: Sequence[Attributes | Scene]) -> Tensor:
+    """(B, categories) the judge's target value per category (0 = nothing requested there)."""
+    return torch.tensor([a.as_tuple() if isinstance(a, Attributes) else a.labels() for a in requested])
+
+
+def requested_present(logits: Tensor, requested: Sequence[Attributes | Scene]) -> Tensor:
+    """(B, categories) bool: for each requested skill slot, whether the judge's top class is that skill."""
+    want = targets(requested)
     return (logits.argmax(-1) == want) & (want > 0)
 
 
-def composition_score(logits: Tensor, requested: Sequence[Attributes]) -> Tensor:
+def composition_score(logits: Tensor, requested: Sequence[Attributes | Scene]) -> Tensor:
     """(B,) fraction of each image's requested skills that the judge finds (the composition score)."""
-    want = torch.tensor([a.as_tuple() for a in requested])
+    want = targets(requested)
     return requested_present(logits, requested).sum(1) / (want > 0).sum(1).clamp_min(1)
 
 

@@ -30,16 +30,16 @@ def decode_latent(z: Tensor) -> Tensor:
     return (F.pixel_shuffle(z, 2) + 1).div(2).clamp(0, 1)
 
 
-def tokenize(prompts: Sequence[Sequence[str]]) -> Tensor:
+def tokenize(prompts: Sequence[Sequence[str]], vocab: Sequence[str] = VOCAB) -> Tensor:
     """Word lists -> (B, MAX_TOKENS) ids, padded with <pad>; an unknown word is an error."""
-    index = {w: i for i, w in enumerate(VOCAB)}
+    index = {w: i for i, w in enumerate(vocab)}
     ids = torch.full((len(prompts), MAX_TOKENS), index[PAD], dtype=torch.long)
     for row, words in enumerate(prompts):
         if len(words) > MAX_TOKENS:
             raise ValueError(f"at most {MAX_TOKENS} words per prompt, got {list(words)}")
         for col, w in enumerate(words):
             if w not in index:
-                raise ValueError(f"unknown word {w!r}; vocabulary: {VOCAB}")
+                raise ValueError(f"unknown word {w!r}; vocabulary: {tuple(vocab)}")
             ids[row, col] = index[w]
     return ids
 
@@ -51,9 +51,9 @@ class TextEncoder(nn.Module):
     model never sees them (like a rare token such as "sks" in a real text encoder).
     """
 
-    def __init__(self, dim: int = CTX) -> None:
+    def __init__(self, dim: int = CTX, vocab_size: int = len(VOCAB)) -> None:
         super().__init__()
-        self.embed = nn.Embedding(len(VOCAB), dim)
+        self.embed = nn.Embedding(vocab_size, dim)
         self.norm = nn.LayerNorm(dim)
         self.fc1 = nn.Linear(dim, 2 * dim)
         self.fc2 = nn.Linear(2 * dim, dim)

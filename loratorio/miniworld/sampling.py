@@ -13,7 +13,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from loratorio.core import BatchLayout, Composer, FastRules, LowRank, MultiAdapter, Settings, merged_weight
+from loratorio.core import (
+    BatchLayout,
+    Composer,
+    FastRules,
+    LowRank,
+    MultiAdapter,
+    Settings,
+    evaluate,
+    merged_weight,
+    to_eps,
+)
+from loratorio.core.fusion import divergence_spread as core_spread
 from loratorio.miniworld.bundle import Miniature
 from loratorio.miniworld.model import LATENT, Denoiser, UNet, decode_latent, karras_sigmas, tokenize
 from loratorio.miniworld.world import SKILL_TOKENS
@@ -68,41 +79,83 @@ def merged_unet(unet: UNet, loras: Sequence[dict[str, LowRank]]) -> UNet:
     return model
 
 
+def scaled(lora: dict[str, LowRank], multiplier: float) -> dict[str, LowRank]:
+    """The LoRA at another strength, as `<lora:name:multiplier>` sets it (same factors, scale × multiplier)."""
+    if multiplier == 1.0:
+        return lora
+    return {k: LowRank(a.down, a.up, a.alpha, a.mid, multiplier=a.multiplier * multiplier) for k, a in lora.items()}
+
+
+def global_names(settings: Settings, skills: Sequence[str]) -> list[str]:
+    """The prompt's LoRAs that `global_loras` names (a name not in the prompt is ignored, as the hosts do)."""
+    return [s for s in skills if s in settings.global_list()]
+
+
+@torch.no_grad()
+def divergence_spread(mini: Miniature, skills: Sequence[str], seeds: Sequence[int],
+                      config: SampleConfig = SampleConfig(), multiplier: float = 1.0) -> dict[str, float]:
+    """Per LoRA, what `auto_global` reads at the first step: the spread (std/mean over patches) of its divergence
+    from the base, averaged over the images; low for a LoRA that changes the whole image alike (a style)."""
+    b = len(seeds)
+    ctx = mini.text_encoder(tokenize([mini.prompt(skills)] * b, mini.vocab))
+    sigma = karras_sigmas(config.steps)[0].repeat(b)
+    x = noise(seeds, float(sigma[0]))
+    with MultiAdapter(mini.unet, [scaled(mini.loras[s], multiplier) for s in skills]) as router:
+        preds = evaluate(lambda a: mini.denoiser(*a), (x, sigma, ctx), router)
+    eps = to_eps(x, preds, sigma)
+    spread = core_spread(eps[1:], eps[0], config.settings.patch_size)
+    return {s: float(c) for s, c in zip(skills, spread, strict=True)}
+
+
 @torch.no_grad()
 def sample(mini: Miniature, skills: Sequence[str], method: str, seeds: Sequence[int],
-           config: SampleConfig = SampleConfig()) -> tuple[Tensor, Tensor | None]:
-    """Images (B, 3, 32, 32) for the prompt listing `skills`, and LoRAtorio's step-averaged Ω (N, B, 1, 16, 16)."""
+           config: SampleConfig = SampleConfig(), multiplier: float = 1.0,
+           info: dict | None = None) -> tuple[Tensor, Tensor | None]:
+    """Images (B, 3, 32, 32) for the prompt listing `skills`, and LoRAtorio's step-averaged Ω (N, B, 1, 16, 16).
+
+    multiplier: every LoRA's strength. LoRAs named in the settings' `global_loras` are merged into the model for
+    every row and leave the composition; with fewer than two left, every LoRA is merged (as on the hosts).
+    Ω's rows are the composed LoRAs'; one made global by `auto_global` shows 1 everywhere after the first step.
+    info: if given, receives "loras" (Ω's rows) and "composed" (those that competed per patch to the end).
+    """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     b = len(seeds)
-    ctx = mini.text_encoder(tokenize([list(skills)] * b + [[]] * b))
+    ctx = mini.text_encoder(tokenize([mini.prompt(skills)] * b + [[]] * b, mini.vocab))
     sigmas = karras_sigmas(config.steps)
     x = noise(seeds, float(sigmas[0]))
     maps: list[Tensor] = []
-    if method in ("base", "merge", "merge_all"):
-        pool = {"base": [], "merge": [mini.loras[s] for s in skills],
-                "merge_all": [mini.loras[s] for s in SKILL_TOKENS]}[method]
+    lora = {s: scaled(mini.loras[s], multiplier) for s in SKILL_TOKENS}
+    names = list(SKILL_TOKENS) if method == "loratorio_dynamic" else list(skills)
+    glob = global_names(config.settings, names) if method not in ("base", "merge", "merge_all") else []
+    names = [s for s in names if s not in glob]
+    if method in ("base", "merge", "merge_all") or len(names) < 2:
+        pool = {"base": [], "merge": [lora[s] for s in skills],
+                "merge_all": [lora[s] for s in SKILL_TOKENS]}.get(method, [lora[s] for s in glob + names])
         den = Denoiser(merged_unet(mini.unet, pool)) if pool else mini.denoiser
 
         def model(xin: Tensor, sin: Tensor, _step: int) -> Tensor:
             return den(xin, sin, ctx)
         return decode_latent(_run(model, x, sigmas, config.cfg)), None
-    names = list(SKILL_TOKENS) if method == "loratorio_dynamic" else list(skills)
     mode = "loratorio" if method.startswith("loratorio") else method
-    top_k = len(skills) if method == "loratorio_dynamic" else 0
+    top_k = len(skills) - len(glob) if method == "loratorio_dynamic" else 0
     speed = "fast" if method == "loratorio_fast" else "full"
     settings = Settings(**{**config.settings.to_dict(), "enabled": True, "mode": mode, "top_k": top_k, "speed": speed})
-    den = mini.denoiser
+    unet = merged_unet(mini.unet, [lora[s] for s in glob]) if glob else mini.unet
+    den = Denoiser(unet)
     layout = BatchLayout.cond_then_uncond(b)
-    with MultiAdapter(mini.unet, [mini.loras[s] for s in names]) as router:
+    with MultiAdapter(unet, [lora[s] for s in names]) as router:
         composer = Composer(router, settings, fast_rules=config.fast_rules)
+        composer.total_steps = config.steps
 
         def model(xin: Tensor, sin: Tensor, step: int) -> Tensor:
             out = composer(lambda a: den(*a), (xin, sin, ctx), layout, step, xin, sin)
             if mode == "loratorio":
-                maps.append(composer.last_weights)
+                maps.append(composer.display_weights)
             return out
         images = decode_latent(_run(model, x, sigmas, config.cfg))
+    if info is not None:
+        info["loras"], info["composed"] = names, [names[i] for i in composer.composed]
     return images, (torch.stack(maps).mean(0) if maps else None)
 
 
