@@ -10,7 +10,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loratorio.core import BatchLayout, Callback, Composer, Dense, LowRank, MultiAdapter, Settings, merged_weight
+from loratorio.core import (
+    BatchLayout,
+    Callback,
+    Composer,
+    Dense,
+    LoHa,
+    LoKr,
+    LowRank,
+    MultiAdapter,
+    Settings,
+    merged_weight,
+)
 from loratorio.core.masked import RowMasks
 from tests.toy import CTX, make_lora, make_unet, merged_copy
 
@@ -69,13 +80,18 @@ def low_rank(g, layer, rank=2, mid=False):
 
 
 def per_position_loras(model):
-    """LoRA 0 all low-rank; LoRA 1 mixes kinds: Tucker mid and Dense (the y' − y path) and a host Callback."""
+    """LoRA 0 all low-rank; LoRA 1 mixes kinds: Tucker mid, Dense, LoHa and LoKr (the y' − y path) and a host
+    Callback."""
     g = torch.Generator().manual_seed(4)
     names = ("conv_in", "down", "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out", "ff", "up", "conv_out")
     first = {n: low_rank(g, model.get_submodule(n)) for n in names}
     second = {n: low_rank(g, model.get_submodule(n), mid=n == "conv_in") for n in names}
     for n in ("ff", "attn.to_v"):
         second[n] = Dense(merged_weight(model.get_submodule(n), second[n]))
+    second["attn.to_q"] = LoHa(*(torch.randn(shape, generator=g) * 0.5 for shape in ((16, 2), (2, 16), (16, 3),
+                                                                                       (3, 16))))
+    # up: Conv2d 16 -> 8, 1x1; ΔW = w1 (2, 4) ⊗ w2 (4, 4, 1, 1): 8 outputs, 16 inputs in 4 groups of 4.
+    second["up"] = LoKr(w1=torch.randn(2, 4, generator=g) * 0.5, w2=torch.randn(4, 4, 1, 1, generator=g) * 0.5)
     conv_out = second["conv_out"]
     second["conv_out"] = Callback(lambda x, y: conv_out.apply(model.conv_out, x, y.clone()))
     return [first, second]

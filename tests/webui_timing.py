@@ -1,10 +1,12 @@
-"""Wall-clock cost of LoRAtorio next to ControlNet on a running WebUI (not a test: a measurement over the API).
+"""Wall-clock cost of LoRAtorio on a running WebUI, with and without ControlNet (not a test: a measurement).
 
     LORATORIO_WEBUI_URL=http://127.0.0.1:7861 python3 -m tests.webui_timing [--steps 4 12] [--repeats 1]
+        [--no-controlnet]
 
 Marginal seconds per step between a short and a long request (start-up and decoding cancel out), for plain LoRA and
-LoRAtorio (auto, batched, sequential), each with and without the ControlNet of tests/make_controlnet.py. Uses the
-environment of tests/test_webui_smoke.py and LORATORIO_CONTROLNET of tests/test_webui_controlnet.py.
+LoRAtorio (auto, batched, sequential, and speed fast with a full step every 4), each without and (unless
+--no-controlnet) with the ControlNet of tests/make_controlnet.py. Uses the environment of tests/test_webui_smoke.py
+(the first two LoRAs of LORATORIO_LORAS) and LORATORIO_CONTROLNET of tests/test_webui_controlnet.py.
 """
 
 from __future__ import annotations
@@ -51,21 +53,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, nargs=2, default=[4, 12])
     parser.add_argument("--repeats", type=int, default=1, help="requests per point; the fastest counts")
+    parser.add_argument("--no-controlnet", action="store_true", help="time without ControlNet only")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    model, module = controlnet_names()
     short, long = args.steps
     rows = [("plain LoRA", None)] + [(f"LoRAtorio {e}", {"enabled": True, "evaluation": e})
                                      for e in ("auto", "batched", "sequential")]
+    rows.append(("LoRAtorio fast (full every 4)", {"enabled": True, "speed": "fast", "full_every": 4}))
     txt2img(TWO, steps=2)  # warm-up: loads the LoRAs
     table = {}
-    for control_name, control in (("no ControlNet", None), ("ControlNet", unit(model, module=module))):
+    controls = [("no ControlNet", None)]
+    if not args.no_controlnet:
+        model, module = controlnet_names()
+        controls.append(("ControlNet", unit(model, module=module)))
+    for control_name, control in controls:
         for name, loratorio in rows:
             t_short = timed(short, loratorio, control, args.repeats)
             t_long = timed(long, loratorio, control, args.repeats)
             table[(name, control_name)] = (t_long - t_short) / (long - short)
             log.info("%-22s %-14s %6.2f s/step  (%d steps %.1f s, %d steps %.1f s)", name, control_name,
                      table[(name, control_name)], short, t_short, long, t_long)
+    if args.no_controlnet:
+        log.info("\n| | s/step | / plain LoRA |\n|---|---|---|")
+        for name, _ in rows:
+            a = table[(name, "no ControlNet")]
+            log.info("| %s | %.2f | %.2f× |", name, a, a / table[("plain LoRA", "no ControlNet")])
+        return
     log.info("\n| | no ControlNet | ControlNet | ControlNet / plain LoRA + ControlNet |\n|---|---|---|---|")
     reference = table[("plain LoRA", "ControlNet")]
     for name, _ in rows:

@@ -57,6 +57,7 @@ def variants() -> dict[str, Variant]:
         # Combinations of the options that helped alone on the weak half.
         variant("relative + τ 0.02", "loratorio", relative=True, temperature=0.02),
         variant("relative + τ 0.2", "loratorio", relative=True, temperature=0.2),
+        variant("relative + τ 1", "loratorio", relative=True, temperature=1.0),
         variant("relative + min share 0.1", "loratorio", relative=True, min_share=0.1),
         variant("relative + auto global 0.7", "loratorio", relative=True, auto_global=0.7),
         variant("relative + auto global 0.7 + τ 0.2", "loratorio", relative=True, auto_global=0.7, temperature=0.2),
