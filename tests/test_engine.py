@@ -139,7 +139,7 @@ def test_uncond_reference_and_layout_validation(unet, two_loras, setting):
     x, cond, uncond = setting
     inputs = (torch.cat([x, x]), SIGMAS[1].repeat(4), torch.cat([cond, uncond]))
     with MultiAdapter(unet, two_loras) as router:
-        outs = [Composer(router, Settings(enabled=True, reference=r))(lambda a: unet(*a), inputs,
+        outs = [Composer(router, Settings(enabled=True, reference=r, patch_size=4))(lambda a: unet(*a), inputs,
                                                                       BatchLayout.cond_then_uncond(2), 0)
                 for r in ("cond", "uncond")]
     assert not torch.allclose(outs[0], outs[1])
@@ -170,7 +170,8 @@ def reuse_run(unet, loras, settings, setting, steps=5):
 
 @pytest.mark.parametrize("recentre", [0.5, 0.0])
 def test_reuse_keeps_the_map_for_k_steps(unet, two_loras, setting, recentre):
-    rows, maps, outs, preds = reuse_run(unet, two_loras, Settings(enabled=True, reuse=2, recentre=recentre), setting)
+    settings = Settings(enabled=True, reuse=2, recentre=recentre, patch_size=4)
+    rows, maps, outs, preds = reuse_run(unet, two_loras, settings, setting)
     assert [maps[i] is maps[0] for i in range(5)] == [True, True, True, False, False]
     assert maps[4] is maps[3]
     # Fresh steps evaluate base + 2 LoRAs on 4 rows; reusing steps skip the base only when nothing reads it.
@@ -181,7 +182,7 @@ def test_reuse_keeps_the_map_for_k_steps(unet, two_loras, setting, recentre):
         expect = torch.cat([weighted_sum(loras[:, :2], w),
                             recentre_uncond(base[2:], weighted_sum(loras[:, 2:], w), recentre)])
         torch.testing.assert_close(outs[step], expect, rtol=1e-5, atol=1e-5)
-    fresh = reuse_run(unet, two_loras, Settings(enabled=True, recentre=recentre), setting)
+    fresh = reuse_run(unet, two_loras, Settings(enabled=True, recentre=recentre, patch_size=4), setting)
     torch.testing.assert_close(outs[3], fresh[2][3])  # step 3 recomputed: as without reuse
     assert (outs[1] - fresh[2][1]).abs().mean() > 1e-4  # and reuse really changed step 1
 

@@ -174,3 +174,19 @@ def test_bad_arguments_are_clear():
         patch_weights(randn(2, 1, 4, 8, 8), randn(1, 4, 8, 8), 4, 0.0)
     with pytest.raises(ValueError, match="expected eps_loras"):
         patch_weights(randn(2, 4, 8, 8), randn(1, 4, 8, 8), 4, 0.1)
+
+
+def test_relative_lets_a_local_skill_win_where_a_global_one_diverges_more():
+    """Similarity (N=2, one image, 2×2 patches): LoRA 0 diverges strongly everywhere (a style); LoRA 1 barely, except
+    in one patch (a hat). Absolute SoftMin gives LoRA 1 no patch; relative gives it its own patch, and only that one.
+    Weights still sum to 1, and with one patch relative is uniform (nothing stands out)."""
+    from loratorio.core.fusion import softmin_weights
+
+    sim = torch.tensor([[[[0.20, 0.20], [0.20, 0.25]]], [[[0.90, 0.90], [0.90, 0.50]]]])[:, :, None]  # (2, 1, 1, 2, 2)
+    absolute = softmin_weights(sim, 0.05)
+    relative = softmin_weights(sim, 0.05, relative=True)
+    assert (absolute[1] < 0.01).all()
+    assert relative[1, 0, 0, 1, 1] > 0.99 and (relative[1, 0, 0].flatten()[:3] < 0.5).all()
+    torch.testing.assert_close(relative.sum(0), torch.ones_like(relative[0]))
+    one = softmin_weights(sim[..., :1, :1], 0.05, relative=True)
+    torch.testing.assert_close(one, torch.full_like(one, 0.5))
