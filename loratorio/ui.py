@@ -6,10 +6,11 @@ Components are returned in `ARG_ORDER`, so the API's positional args, the UI and
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from typing import Any
 
 from loratorio.core import ARG_ORDER, Settings
-from loratorio.core.settings import infotext_key
+from loratorio.core.settings import LEGACY, infotext_key
 
 ADVANCED = ("reference", "evaluation", "switch_interval", "start", "end", "reuse", "full_every", "min_share",
             "auto_global", "temperature_end", "relative")
@@ -61,6 +62,15 @@ def infotext_fields(components: list[Any]) -> list[tuple[Any, Any]]:
     mode_key = infotext_key(fields["mode"])
     pairs: list[tuple[Any, Any]] = [(components[0], lambda params: mode_key in params)]
     for name, component in zip(ARG_ORDER[1:], components[1:], strict=True):
-        if name != "show_maps":
+        if name in LEGACY:
+            pairs.append((component, partial(_legacy, infotext_key(fields[name]), mode_key, str(LEGACY[name]))))
+        elif name != "show_maps":
             pairs.append((component, infotext_key(fields[name])))
     return pairs
+
+
+def _legacy(key: str, mode_key: str, legacy: str, params: dict) -> Any:
+    """A LoRAtorio infotext without this key predates it: its value then was `legacy`; no LoRAtorio keys: no change."""
+    if key in params:
+        return params[key]
+    return legacy if mode_key in params else None

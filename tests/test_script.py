@@ -97,6 +97,13 @@ def test_ui_order_and_infotext_fields(script_env):
     assert components[ARG_ORDER.index("patch_size")].kwargs["label"] == "Patch size"
     keys = [k for _, k in script_env.script.infotext_fields if isinstance(k, str)]
     assert "LoRAtorio patch size" in keys and script_env.entry.HOST == "a1111"
+    # relative's default changed: PNG Info of an older LoRAtorio image restores it off; of a new one, as written;
+    # of an image without LoRAtorio, leaves the checkbox alone.
+    named = [n for n in ARG_ORDER if n != "show_maps"]  # show maps is not restored
+    relative = dict(zip(named, script_env.script.infotext_fields, strict=True))["relative"][1]
+    assert relative({"LoRAtorio mode": "loratorio"}) == "False"
+    assert relative({"LoRAtorio mode": "loratorio", "LoRAtorio relative": "True"}) == "True"
+    assert relative({"Steps": "20"}) is None
 
 
 def test_enabled_run_installs_composes_and_cleans_up(script_env):

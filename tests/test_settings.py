@@ -97,3 +97,10 @@ def test_new_settings_round_trip_through_infotext_and_positional_args():
     assert settings_from_args(positional) == s
     with pytest.raises(ValueError, match="'min_share' must be in"):
         Settings(min_share=1.5)
+
+
+def test_an_infotext_from_before_relative_existed_restores_it_off():
+    old = {k: v for k, v in Settings(enabled=True, relative=False).to_infotext().items() if "relative" not in k}
+    assert Settings.from_infotext(old).relative is False
+    assert Settings.from_infotext(Settings(enabled=True).to_infotext()).relative is True
+    assert Settings.from_infotext({}) == Settings()

@@ -133,10 +133,13 @@ class Settings:
                 values[f.name] = params[key]
         if not values:
             return cls()
-        return cls.from_dict({**values, "enabled": True})
+        return cls.from_dict({**LEGACY, **values, "enabled": True})
 
 
 ARG_ORDER = tuple(f.name for f in dataclasses.fields(Settings))
+# Settings whose default changed: an infotext written before they existed meant these values, so restoring it (PNG
+# Info) reproduces that image instead of switching the option on.
+LEGACY: dict[str, Any] = {"relative": False}
 
 
 def settings_from_args(args: Sequence[Any]) -> Settings:
