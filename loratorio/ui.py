@@ -22,7 +22,8 @@ SLIDER_MAX = {"patch_size": 32, "temperature": 1.0, "top_k": 8, "switch_interval
 
 def _component(gr: Any, f: dataclasses.Field, elem_id: str) -> Any:
     meta, default = f.metadata, f.default
-    kwargs = {"label": meta["label"].capitalize(), "value": default, "elem_id": f"{elem_id}_{f.name}"}
+    label = meta["label"][:1].upper() + meta["label"][1:]  # "Global LoRAs", not str.capitalize()'s "Global loras"
+    kwargs = {"label": label, "value": default, "elem_id": f"{elem_id}_{f.name}"}
     if meta["help"]:
         kwargs["info"] = meta["help"]
     if meta["choices"]:

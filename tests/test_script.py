@@ -95,6 +95,7 @@ def test_ui_order_and_infotext_fields(script_env):
     components = script_env.script.ui(False)
     assert len(components) == len(ARG_ORDER)
     assert components[ARG_ORDER.index("patch_size")].kwargs["label"] == "Patch size"
+    assert components[ARG_ORDER.index("global_loras")].kwargs["label"] == "Global LoRAs"
     keys = [k for _, k in script_env.script.infotext_fields if isinstance(k, str)]
     assert "LoRAtorio patch size" in keys and script_env.entry.HOST == "a1111"
     # relative's default changed: PNG Info of an older LoRAtorio image restores it off; of a new one, as written;
