@@ -65,9 +65,12 @@ def test_infotext_round_trip():
 
 
 def test_every_field_reaches_the_infotext_or_is_ui_only():
-    keys = Settings(enabled=True).to_infotext()
+    keys = Settings(enabled=True, global_loras="style").to_infotext()
     names = {f.name for f in dataclasses.fields(Settings)}
     assert len(keys) == len(names - {"enabled", "show_maps"})
+    # An empty string is left out (A1111 cannot parse "key: "), and restores as the default.
+    assert "LoRAtorio global LoRAs" not in Settings(enabled=True).to_infotext()
+    assert Settings.from_infotext(Settings(enabled=True).to_infotext()) == Settings(enabled=True)
 
 
 def test_speed_settings_come_after_reuse_in_the_positional_order():

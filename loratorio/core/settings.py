@@ -120,8 +120,10 @@ class Settings:
         """Infotext key/values (generation parameters); empty when disabled, so plain runs stay untouched."""
         if not self.enabled:
             return {}
+        # An empty value is left out: A1111's infotext parser reports "Error parsing" for "key: " (its default,
+        # the empty string, is what an absent key restores anyway).
         return {infotext_key(f): _format(getattr(self, f.name)) for f in dataclasses.fields(self)
-                if f.name not in ("enabled", "show_maps")}
+                if f.name not in ("enabled", "show_maps") and getattr(self, f.name) != ""}
 
     @classmethod
     def from_infotext(cls, params: Mapping[str, Any]) -> Settings:
