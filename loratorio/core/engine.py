@@ -65,7 +65,8 @@ class FastRules:
     """
 
     flat: str = "share"
-    text: str = "blend"
+    # "share": measured on the miniature, the same score as "blend" in both regimes, at a 20% cheaper fast step.
+    text: str = "share"
     uncond: str = "scaled"
     warmup: int = 1
 
