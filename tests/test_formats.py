@@ -313,6 +313,22 @@ def test_forge_adapter_failing_mid_sampling_falls_back_to_the_host(monkeypatch, 
     torch.testing.assert_close(tf.sample(host, x, [c], u, max_chunks=chunks), plain)  # the model is as it was
 
 
+@pytest.mark.parametrize("reforge", [False, True], ids=["forge", "reforge"])
+def test_forge_adapter_failing_outside_the_window_falls_back_to_the_host(monkeypatch, reforge):
+    """Steps outside start/end still run every LoRA through our hooks (the merge, routed): a failure there must fall
+    back too, not escape to the host (a real Forge answered HTTP 500): step 0 composed, the rest the host's merge."""
+    x, c, u = tf.latent(), tf.prompt(), tf.prompt(seed=8)
+    host = tf.Host(reforge)
+    host.reset()
+    window = Settings(**{**ON.to_dict(), "end": 0.25})
+    expect = tf.run(host, window, x=x, cond=[c], uncond=u)[0]
+    monkeypatch.setenv(FAULT_ENV, "lora_a")
+    got, state = tf.run(host, window, x=x, cond=[c], uncond=u)
+    assert state.failed and FAULT_ENV in state.failed and "sampled normally" in host.warnings[-1]
+    assert not state.router.installed
+    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
+
+
 def test_the_fault_hook_is_inert_unless_set(monkeypatch):
     tables = [{nn.Linear(2, 2): LowRank(torch.ones(1, 2), torch.ones(2, 1))}]
     monkeypatch.delenv(FAULT_ENV, raising=False)

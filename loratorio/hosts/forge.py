@@ -548,13 +548,15 @@ class GenerationState:
         if self.removed or self.failed is not None:
             return call(args)  # after a failure the host has its LoRAs merged again and none of our hooks run
         rec = self.record
-        if rec is None or not rec.active:
-            return self.merged(call, args)
         try:
+            if rec is None or not rec.active:
+                # Steps outside the window run every LoRA on every row through our hooks: they can fail too.
+                return self.merged(call, args)
             out = self.compose_call(call, args, rec)
         except Exception as exc:  # noqa: BLE001 - host boundary: any failure means plain sampling, not a crash
             log.debug("LoRAtorio step failed", exc_info=True)
-            rec.broken = bool(rec.calls)
+            if rec is not None:
+                rec.broken = bool(rec.calls)
             self.fail(f"{type(exc).__name__}: {exc}")
             return call(args)
         rec.calls.append((call, args))
