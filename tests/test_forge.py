@@ -505,3 +505,24 @@ def test_oom_above_k_rows_still_gives_the_image_for_every_k(reforge):
             handle.remove()
         assert not host.warnings and state.failed is None and (state.composer.chunker.ooms > 0) == (k < 12)
         torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
+
+
+def test_every_model_call_gets_its_own_controlnet_lists():
+    """Forge's UNet pops ControlNet's residuals off c["control"] (apply_control); sequential evaluation calls it once
+    per model with the same inputs, and the failure replay calls it again: each call needs the full lists."""
+    seen = []
+
+    def call(a):
+        residuals = a["c"]["control"]["output"]
+        seen.append(len(residuals))
+        while residuals:
+            residuals.pop()
+        return a["input"]
+
+    control = {"output": [torch.ones(2, 1), torch.ones(2, 1)]}
+    args = {"input": torch.zeros(2, 4, 8, 8), "timestep": torch.ones(2), "c": {"control": control},
+            "cond_or_uncond": [0, 1]}
+    inputs = (args["input"], args["timestep"], {"control": control}, torch.arange(2))
+    for _ in range(3):
+        forge._expanded_call(call, args, 1, inputs)
+    assert seen == [2, 2, 2] and len(control["output"]) == 2

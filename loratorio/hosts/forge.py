@@ -45,6 +45,7 @@ from loratorio.core import (
     Settings,
     in_window,
     merged_weight,
+    tree_map,
 )
 from loratorio.hosts.checks import dry_run, inject_fault
 from loratorio.maps import accumulate
@@ -548,6 +549,9 @@ class GenerationState:
         if self.removed or self.failed is not None:
             return call(args)  # after a failure the host has its LoRAs merged again and none of our hooks run
         rec = self.record
+        # The UNet consumes the ControlNet residual lists in c["control"] (apply_control pops them): the failure
+        # replay needs its own lists.
+        fresh = {**args, "c": _fresh(args["c"])}
         try:
             if rec is None or not rec.active:
                 # Steps outside the window run every LoRA on every row through our hooks: they can fail too.
@@ -559,7 +563,7 @@ class GenerationState:
                 rec.broken = bool(rec.calls)
             self.fail(f"{type(exc).__name__}: {exc}")
             return call(args)
-        rec.calls.append((call, args))
+        rec.calls.append((call, fresh))
         return out
 
     def merged(self, call: Callable[[dict], Tensor], args: dict) -> Tensor:
@@ -737,7 +741,9 @@ def _expanded_call(call: Callable[[dict], Tensor], args: dict, b: int, inputs: t
     host_rows, host_kinds = args["input"].shape[0], list(args["cond_or_uncond"])
     chunks = (rows[::b] // b).tolist()  # the host chunk each b rows come from
     kinds = [host_kinds[i] for i in chunks]
-    c = {**args["c"], **tensors}
+    # Fresh containers per call: the UNet pops ControlNet's residual lists, and sequential evaluation calls it once
+    # per model with the same inputs (a real Forge gave the later models no hint, or a wrong one).
+    c = {**args["c"], **_fresh(tensors)}
     same = x.shape[0] == host_rows and chunks == list(range(len(host_kinds)))
     if not same and "transformer_options" in c:
         to = dict(c["transformer_options"])
@@ -753,6 +759,11 @@ def _expanded_call(call: Callable[[dict], Tensor], args: dict, b: int, inputs: t
             to["uuids"] = [uuids[i] for i in chunks]
         c["transformer_options"] = to
     return call({"input": x, "timestep": sigma, "c": c, "cond_or_uncond": kinds})
+
+
+def _fresh(tree: Any) -> Any:
+    """The same tensors in new dicts and lists (nothing is copied but the containers)."""
+    return tree_map(lambda t: t, tree)
 
 
 def base_weight_fn(unet: Any, kind: str) -> Callable[[str], Tensor]:
