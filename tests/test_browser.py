@@ -266,15 +266,16 @@ def test_show_maps_adds_one_map_per_lora_to_the_gallery(browser):
     set_prompt(driver, "txt2img", PROMPT)
     infotext, _ = generate(driver, "txt2img")
     assert "LoRAtorio warning" not in params(infotext)
-    thumbnails = "#txt2img_gallery .thumbnail-item"
+    # Gradio 3's gallery keeps a hidden grid of thumbnails beside the preview strip: count the ones shown.
+    def shown(d):
+        return [e for e in d.find_elements(By.CSS_SELECTOR, "#txt2img_gallery .thumbnail-item") if e.is_displayed()]
+
     try:
-        WebDriverWait(driver, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, thumbnails)) == 3)
+        WebDriverWait(driver, 60).until(lambda d: len(shown(d)) == 3)
     except TimeoutException:
         shot(css(driver, "#txt2img_gallery"), "show_maps_failed.png")
-        pytest.fail(f"expected the image and 2 weight maps; the gallery has "
-                    f"{len(driver.find_elements(By.CSS_SELECTOR, thumbnails))} thumbnails and "
-                    f"{len(driver.find_elements(By.CSS_SELECTOR, '#txt2img_gallery img'))} images; infotext: "
-                    f"{infotext[-300:]!r}")
-    driver.find_elements(By.CSS_SELECTOR, thumbnails)[1].click()  # show the first LoRA's map large
+        pytest.fail(f"expected the image and 2 weight maps; the gallery shows {len(shown(driver))} thumbnails; "
+                    f"infotext: {infotext[-300:]!r}")
+    shown(driver)[1].click()  # show the first LoRA's map large
     time.sleep(1)
     shot(css(driver, "#txt2img_gallery"), "show_maps.png")
