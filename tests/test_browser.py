@@ -266,9 +266,16 @@ def test_show_maps_adds_one_map_per_lora_to_the_gallery(browser):
     set_prompt(driver, "txt2img", PROMPT)
     infotext, _ = generate(driver, "txt2img")
     assert "LoRAtorio warning" not in params(infotext)
-    # Gradio 3's gallery keeps a hidden grid of thumbnails beside the preview strip: count the ones shown.
+    # Gradio 3's gallery renders its thumbnails twice (the preview strip and a grid, both "displayed" to Selenium):
+    # one thumbnail per distinct image.
     def shown(d):
-        return [e for e in d.find_elements(By.CSS_SELECTOR, "#txt2img_gallery .thumbnail-item") if e.is_displayed()]
+        items, seen = [], set()
+        for e in d.find_elements(By.CSS_SELECTOR, "#txt2img_gallery .thumbnail-item"):
+            src = next((i.get_attribute("src") for i in e.find_elements(By.TAG_NAME, "img")), None)
+            if e.is_displayed() and src not in seen:
+                seen.add(src)
+                items.append(e)
+        return items
 
     try:
         WebDriverWait(driver, 60).until(lambda d: len(shown(d)) == 3)
