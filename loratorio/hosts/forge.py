@@ -45,7 +45,6 @@ from loratorio.core import (
     Settings,
     in_window,
     merged_weight,
-    tree_map,
 )
 from loratorio.hosts.checks import dry_run, inject_fault
 from loratorio.maps import accumulate
@@ -551,7 +550,7 @@ class GenerationState:
         rec = self.record
         # The UNet consumes the ControlNet residual lists in c["control"] (apply_control pops them): the failure
         # replay needs its own lists.
-        fresh = {**args, "c": _fresh(args["c"])}
+        fresh = {**args, "c": _fresh_control(args["c"])}
         try:
             if rec is None or not rec.active:
                 # Steps outside the window run every LoRA on every row through our hooks: they can fail too.
@@ -743,7 +742,7 @@ def _expanded_call(call: Callable[[dict], Tensor], args: dict, b: int, inputs: t
     kinds = [host_kinds[i] for i in chunks]
     # Fresh containers per call: the UNet pops ControlNet's residual lists, and sequential evaluation calls it once
     # per model with the same inputs (a real Forge gave the later models no hint, or a wrong one).
-    c = {**args["c"], **_fresh(tensors)}
+    c = _fresh_control({**args["c"], **tensors})
     same = x.shape[0] == host_rows and chunks == list(range(len(host_kinds)))
     if not same and "transformer_options" in c:
         to = dict(c["transformer_options"])
@@ -761,9 +760,12 @@ def _expanded_call(call: Callable[[dict], Tensor], args: dict, b: int, inputs: t
     return call({"input": x, "timestep": sigma, "c": c, "cond_or_uncond": kinds})
 
 
-def _fresh(tree: Any) -> Any:
-    """The same tensors in new dicts and lists (nothing is copied but the containers)."""
-    return tree_map(lambda t: t, tree)
+def _fresh_control(c: dict) -> dict:
+    """c with new lists of ControlNet residuals in c["control"] (the same tensors), which the UNet may pop."""
+    control = c.get("control")
+    if not isinstance(control, dict):
+        return c
+    return {**c, "control": {k: list(v) if isinstance(v, list) else v for k, v in control.items()}}
 
 
 def base_weight_fn(unet: Any, kind: str) -> Callable[[str], Tensor]:
