@@ -548,10 +548,10 @@ class GenerationState:
         if self.removed or self.failed is not None:
             return call(args)  # after a failure the host has its LoRAs merged again and none of our hooks run
         rec = self.record
-        # The UNet consumes the ControlNet residual lists in c["control"] (apply_control pops them): the failure
-        # replay needs its own lists.
-        fresh = {**args, "c": _fresh_control(args["c"])}
         try:
+            # The UNet consumes the ControlNet residual lists in c["control"] (apply_control pops them): the failure
+            # replay needs its own lists.
+            fresh = {**args, "c": _fresh_control(args["c"])}
             if rec is None or not rec.active:
                 # Steps outside the window run every LoRA on every row through our hooks: they can fail too.
                 return self.merged(call, args)
