@@ -549,12 +549,12 @@ class GenerationState:
             return call(args)  # after a failure the host has its LoRAs merged again and none of our hooks run
         rec = self.record
         try:
-            # The UNet consumes the ControlNet residual lists in c["control"] (apply_control pops them): the failure
-            # replay needs its own lists.
-            fresh = {**args, "c": _fresh_control(args["c"])}
             if rec is None or not rec.active:
                 # Steps outside the window run every LoRA on every row through our hooks: they can fail too.
                 return self.merged(call, args)
+            # The UNet consumes the ControlNet residual lists in c["control"] (apply_control pops them): the failure
+            # replay needs its own lists.
+            fresh = {**args, "c": _fresh_control(args["c"])}
             out = self.compose_call(call, args, rec)
         except Exception as exc:  # noqa: BLE001 - host boundary: any failure means plain sampling, not a crash
             log.debug("LoRAtorio step failed", exc_info=True)
