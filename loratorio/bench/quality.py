@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from loratorio.core import Settings, merged_weight
+from loratorio.core import FastRules, Settings, merged_weight
+from loratorio.core.masked import TEXT_RULES
 from loratorio.miniworld.bundle import WEIGHTS, Miniature, load
 from loratorio.miniworld.judge import composition_score, confidence, frechet_distance, requested_present, targets
 from loratorio.miniworld.sampling import METHODS, SampleConfig, divergence_spread, sample
@@ -378,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recentre", type=float, default=Settings().recentre)
     parser.add_argument("--min-share", type=float, default=Settings().min_share)
     parser.add_argument("--switch-interval", type=int, default=1)
+    parser.add_argument("--fast-text", choices=TEXT_RULES, default=FastRules().text,
+                        help="loratorio_fast: the cross-attention rule (FastRules.text)")
     parser.add_argument("--full-every", type=int, nargs="+", default=[2, 4, 8],
                         help="loratorio_fast: one row per full-step interval")
     parser.add_argument("--multipliers", type=float, nargs="*", default=[0.5, 0.75, 1.0, 1.5],
@@ -396,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     settings = Settings(enabled=True, patch_size=args.patch_size, temperature=args.temperature,
                         recentre=args.recentre, switch_interval=args.switch_interval, min_share=args.min_share)
-    config = SampleConfig(args.steps, args.cfg, settings)
+    config = SampleConfig(args.steps, args.cfg, settings, FastRules(text=args.fast_text))
     t0 = time.perf_counter()
     report: dict = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "regimes": {}}
     report["args"]["from_json"] = [str(p) for p in args.from_json]
