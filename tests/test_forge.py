@@ -526,3 +526,40 @@ def test_every_model_call_gets_its_own_controlnet_lists():
     for _ in range(3):
         forge._expanded_call(call, args, 1, inputs)
     assert seen == [2, 2, 2] and len(control["output"]) == 2
+
+
+def test_reforge_reload_is_unet_only_so_the_host_logs_no_unloaded_text_encoder_keys(monkeypatch):
+    """reForge's load_lora_for_models warns "lora key not loaded" for each key its map lacks; our reload passes no
+    clip (the prompt pass applied the text encoder), so it must not pass text-encoder keys either (seen on reForge)."""
+    import sys
+    from types import ModuleType
+
+    seen: list[dict] = []
+
+    def load_lora_for_models(unet, clip, state_dict, strength_model, strength_clip, filename=""):
+        assert clip is None and strength_clip == 0
+        seen.append(state_dict)
+        return SimpleNamespace(patches={"k": state_dict}), None
+
+    modules = {name: ModuleType(name) for name in ("ldm_patched", "ldm_patched.modules",
+                                                   "ldm_patched.modules.model_management",
+                                                   "ldm_patched.modules.lora", "ldm_patched.modules.sd")}
+    modules["ldm_patched.modules.sd"].load_lora_for_models = load_lora_for_models
+    modules["ldm_patched.modules.lora"].calculate_weight = lambda entries, w, key: w
+    modules["ldm_patched.modules.model_management"].get_free_memory = lambda device=None: 0
+    modules["ldm_patched.modules.model_management"].soft_empty_cache = lambda force=False: None
+    modules["ldm_patched.modules"].model_management = modules["ldm_patched.modules.model_management"]
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    unet_keys = ["lora_unet_down_blocks_0_proj_in.lora_up.weight", "lora_unet_mid_block_conv1.lokr_w1",
+                 "diffusion_model.input_blocks.1.1.proj_in.diff", "lycoris_time_embed_0.alpha"]
+    te_keys = ["lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight", "lora_te1_text_model_x.alpha",
+               "lora_te2_text_model_y.dora_scale", "text_encoder.text_model.encoder.layers.0.mlp.fc1.lora.up.weight",
+               "text_encoder_2.text_model.z.alpha", "text_encoders.clip_l.w.weight",
+               "lora_prior_te_text_model_q.alpha"]
+    files = {"/loras/a.safetensors": {k: torch.ones(1) for k in unet_keys + te_keys}}
+    networks_module = SimpleNamespace(load_lora_state_dict=files.__getitem__)
+    sd_model = SimpleNamespace(forge_objects_original=SimpleNamespace(unet=object()))
+    backend = forge.reforge_backend(sd_model, networks_module)
+    backend.load_file("/loras/a.safetensors", 0.5)
+    assert sorted(seen[0]) == sorted(unet_keys)

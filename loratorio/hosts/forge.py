@@ -17,6 +17,7 @@ import ast
 import logging
 import math
 import os
+import re
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -98,6 +99,16 @@ def forge_backend() -> Backend:
                    empty_cache=partial(memory_management.soft_empty_cache, force=True))
 
 
+# Text-encoder key prefixes of reForge's model_lora_keys_clip (ldm_patched/modules/lora.py).
+_TEXT_ENCODER_KEY = re.compile(r"^(lora_(prior_)?te\d*_|text_encoders?(_\d+)?\.)")
+
+
+def unet_keys_only(state_dict: dict) -> dict:
+    """A LoRA file's state dict without its text-encoder keys: our reload is UNet-only (the host's prompt pass has
+    already applied the text encoder), and reForge logs "lora key not loaded" for every key its UNet map lacks."""
+    return {k: v for k, v in state_dict.items() if not _TEXT_ENCODER_KEY.match(k)}
+
+
 def reforge_backend(sd_model: Any, networks_module: Any) -> Backend:
     """reForge: patches are merged per key, so each file is reloaded through the host's own loader (lru-cached)."""
     from ldm_patched.modules import model_management
@@ -105,7 +116,7 @@ def reforge_backend(sd_model: Any, networks_module: Any) -> Backend:
     from ldm_patched.modules.sd import load_lora_for_models
 
     def load_file(filename: str, multiplier: float) -> dict:
-        state_dict = networks_module.load_lora_state_dict(filename)
+        state_dict = unet_keys_only(networks_module.load_lora_state_dict(filename))
         patcher, _ = load_lora_for_models(sd_model.forge_objects_original.unet, None, state_dict, multiplier, 0,
                                           filename=filename)
         return patcher.patches
