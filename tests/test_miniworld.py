@@ -178,3 +178,16 @@ def test_with_strong_loras_two_characters_compose_where_merging_makes_a_hybrid()
                 scores.append(composition_score(strong.judge(images), [strong.request(skills)] * 3))
         totals[method] = float(torch.cat(scores).mean())
     assert totals["loratorio"] >= totals["merge"] + 0.15, totals
+
+
+def test_bench_variants_keep_the_runs_fast_rules():
+    """A variant overrides settings only: `--fast-text` must reach the sampler (it was once dropped, so "blend" and
+    "share" measured identical)."""
+    from loratorio.bench.quality import method_variant
+    from loratorio.core import FastRules
+    from loratorio.miniworld.sampling import SampleConfig
+
+    base = SampleConfig(fast_rules=FastRules(text="blend"))
+    cfg = method_variant("loratorio_fast@8").config(base, ("a", "b"))
+    assert cfg.fast_rules == FastRules(text="blend")
+    assert cfg.settings.full_every == 8 and (cfg.steps, cfg.cfg) == (base.steps, base.cfg)

@@ -11,6 +11,7 @@ one half (the test half by default), every method at every LoRA strength of the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -130,7 +131,7 @@ class Variant:
         values = {**base.settings.to_dict(), **dict(self.settings)}
         if self.global_categories:
             values["global_loras"] = ",".join(s for s in skills if category_of(s) in self.global_categories)
-        return SampleConfig(base.steps, base.cfg, Settings(**values))
+        return dataclasses.replace(base, settings=Settings(**values))
 
 
 def variant(label: str, method: str, global_categories: Sequence[str] = (), **settings: object) -> Variant:
