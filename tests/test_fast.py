@@ -310,3 +310,16 @@ def test_forge_fast_mode_matches_the_engine_at_plain_lora_rows(case):
                                atol=1e-4)
     full, _ = fg.run(host, fg.ON, x=x, cond=cond, uncond=u, cfg=cfg)
     assert (got - full).abs().mean() > 1e-4
+
+
+def test_sharpened_masks_keep_each_pixels_winner_and_sum_to_one():
+    from loratorio.core.engine import sharpened
+
+    w = torch.softmax(torch.randn(3, 2, 1, 4, 4, generator=torch.Generator().manual_seed(0)), 0)
+    assert sharpened(w, 1.0) is w
+    for gamma in (2.0, float("inf")):
+        s = sharpened(w, gamma)
+        assert torch.allclose(s.sum(0), torch.ones_like(s[0]))
+        assert torch.equal(s.argmax(0), w.argmax(0))
+        assert (s.max(0).values >= w.max(0).values - 1e-6).all()  # the winner only gains
+    assert set(sharpened(w, float("inf")).unique().tolist()) == {0.0, 1.0}

@@ -7,6 +7,7 @@ like the host's own model output, so the host's CFG (and everything after it) ru
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -69,6 +70,8 @@ class FastRules:
     text: str = "share"
     uncond: str = "scaled"
     warmup: int = 1
+    # Ω_i^γ renormalised over the LoRAs before masking (inf: each pixel's winner alone); 1 keeps Ω.
+    sharpen: float = 1.0
 
 
 class Composer:
@@ -146,7 +149,7 @@ class Composer:
         """Fast mode's per-row weights (N, batch, 1, H, W) from Ω (default: the last): cond rows their own map; each
         negative row its image's first map scaled by 1 − λ, the base taking λ (re-centring, linearised); other rows
         the base alone."""
-        w = self.last_weights if weights is None else weights
+        w = sharpened(self.last_weights if weights is None else weights, self.fast_rules.sharpen)
         masks = w.new_zeros(w.shape[0], batch, *w.shape[2:])
         masks[:, list(layout.cond_rows)] = w
         if layout.uncond_rows:
@@ -267,6 +270,16 @@ class Composer:
         s, w, last = self.settings, self.last_weights, self._weights_step
         return (s.reuse > 0 and s.mode == "loratorio" and w is not None and last is not None
                 and 0 < step - last <= s.reuse and w.shape[1] == n_cond and w.shape[0] == len(self.composed))
+
+
+def sharpened(weights: Tensor, gamma: float) -> Tensor:
+    """Ω_i^γ / Σ_j Ω_j^γ over the LoRAs (dim 0), per pixel; γ = inf gives the winner weight 1 (one-hot)."""
+    if gamma == 1.0:
+        return weights
+    if math.isinf(gamma):
+        return torch.zeros_like(weights).scatter_(0, weights.argmax(0, keepdim=True), 1.0)
+    powered = weights.clamp_min(0) ** gamma
+    return powered / powered.sum(0, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
 
 
 def _base_read(layout: BatchLayout, settings: Settings, batch: int | None) -> bool:
