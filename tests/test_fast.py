@@ -15,6 +15,7 @@ from loratorio.core import (
     Callback,
     Composer,
     Dense,
+    FastRules,
     LoHa,
     LoKr,
     LowRank,
@@ -226,37 +227,73 @@ def test_masks_follow_the_latent_pyramid_and_reject_bad_shapes():
             pass
 
 
-def schedule_run(settings, steps=7):
+UNCORRECTED = FastRules(correct="none")
+
+
+def schedule_run(settings, steps=7, rules=UNCORRECTED):
+    """Outputs of a 7-step run; by_hand[k]: steps 3 and 4's masked pass of every row with the weights then."""
     unet = make_unet()
     loras = [make_lora(unet, seed=1), make_lora(unet, seed=2)]
     x, sigma, ctx = data(4)
-    rows, outs = [], []
+    rows, outs, by_hand = [], [], {}
 
     def fn(a):
         rows.append(a[0].shape[0])
         return unet(*a)
 
     with torch.no_grad(), MultiAdapter(unet, loras) as router:
-        composer = Composer(router, settings)
+        composer = Composer(router, settings, fast_rules=rules)
         for step in range(steps):
             inputs = (x + step, sigma, ctx)
             outs.append(composer(fn, inputs, BatchLayout.cond_then_uncond(2), step))
-            if step == 4:  # a fast step: the same pass by hand, with the negative's map scaled by 1 − λ
+            if step in (3, 4):  # the masked pass by hand, with the negative's map scaled by 1 − λ
                 w = composer.last_weights
                 with router.masked(torch.cat([w, w * (1 - settings.recentre)], dim=1)):
-                    by_hand = unet(*inputs)
-    return rows, outs, by_hand if steps > 4 else None
+                    by_hand[step] = unet(*inputs)
+    return rows, outs, by_hand
 
 
 def test_fast_schedule_evaluates_fully_every_k_steps_and_masks_in_between():
     rows, outs, by_hand = schedule_run(Settings(**FAST))
     assert rows == [12, 4, 4, 12, 4, 4, 12]  # base + 2 LoRAs on 4 rows, then one pass of the host's 4 rows
-    torch.testing.assert_close(outs[4], by_hand)
+    torch.testing.assert_close(outs[4], by_hand[4])
     full_rows, full_outs, _ = schedule_run(Settings(**{**FAST, "speed": "full"}))
     assert full_rows == [12] * 7
     torch.testing.assert_close(outs[3], full_outs[3])  # a full step is LoRAtorio as ever
     assert (outs[4] - full_outs[4]).abs().mean() > 1e-4
     assert schedule_run(Settings(**{**FAST, "full_every": 1}))[0] == [12] * 7
+
+
+def test_corrected_fast_mode_fuses_the_prompt_exactly_and_carries_the_residual():
+    """FastRules.correct "cond": a full step evaluates base + LoRAs on the prompt rows only (the fused prompt is
+    LoRAtorio's), the negative comes from the masked pass; a fast step adds ε_fused − ε_masked of the last full
+    step to its prompt rows."""
+    rows, outs, by_hand = schedule_run(Settings(**FAST), rules=FastRules())
+    assert rows == [6, 4, 4, 4, 6, 4, 4, 4, 6, 4]  # (base + 2 LoRAs) × 2 prompt rows, then the masked pass
+    _, full_outs, _ = schedule_run(Settings(**{**FAST, "speed": "full"}))
+    torch.testing.assert_close(outs[3][:2], full_outs[3][:2])
+    torch.testing.assert_close(outs[3][2:], by_hand[3][2:])
+    residual = full_outs[3][:2] - by_hand[3][:2]
+    assert residual.abs().mean() > 1e-4  # the masked pass is not the fusion: there is something to carry
+    torch.testing.assert_close(outs[4][:2], by_hand[4][:2] + residual)
+    torch.testing.assert_close(outs[4][2:], by_hand[4][2:])
+    uncorrected = schedule_run(Settings(**FAST))[1]
+    assert (outs[4] - uncorrected[4]).abs().mean() > 1e-4
+
+
+def test_the_residual_is_kept_in_eps_space_for_x0_predictions():
+    """Hosts that hand over x0: the residual kept at one sigma is the same ε correction at another."""
+    with MultiAdapter(make_unet(), [{}]) as router:
+        composer = Composer(router, Settings(**FAST))
+        x, fused, masked = (torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+        sigma = torch.tensor([2.0, 3.0])
+        composer.keep_residual(fused, masked, 0, x, sigma)
+        eps = lambda x0, s: (x - x0) / s.reshape(-1, 1, 1, 1)  # noqa: E731
+        later, sigma2 = torch.randn(2, 4, 8, 8), torch.tensor([0.5, 1.0])
+        out = composer.corrected(later, 0, x, sigma2)
+        torch.testing.assert_close(eps(out, sigma2) - eps(later, sigma2), eps(fused, sigma) - eps(masked, sigma))
+        assert composer.corrected(later[:1], 0, x, sigma2) is not None  # another row count: left as it is
+        torch.testing.assert_close(composer.corrected(later[:1], 0, x[:1], sigma2[:1]), later[:1])
 
 
 HOST_FAST = Settings(enabled=True, patch_size=4, temperature=0.05, speed="fast", full_every=2)
@@ -285,8 +322,9 @@ def test_a1111_fast_mode_matches_the_engine_at_plain_lora_rows(case):
     host_rows = rows[:]
     expect = a1.reference(host, x, cond, u, layout, HOST_FAST)
     torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-4)
-    n = len(layout.cond_rows) + len(layout.uncond_rows)
-    assert sum(host_rows) == 2 * 3 * n + 2 * n  # steps 0 and 2: base + 2 LoRAs; steps 1 and 3: the host's rows
+    n, n_cond = len(layout.cond_rows) + len(layout.uncond_rows), len(layout.cond_rows)
+    # Steps 0 and 2: base + 2 LoRAs on the cond rows, then the masked pass of the host's rows; 1 and 3: the latter.
+    assert sum(host_rows) == 2 * (3 * n_cond + n) + 2 * n
     full, _ = a1.run(host, a1.ON, cls=cls, x=x, cond=cond, uncond=u, eps=case == "timesteps",
                      s_min_uncond=100.0 if case == "skipped uncond" else 0.0)
     assert (got - full).abs().mean() > 1e-4
@@ -305,7 +343,8 @@ def test_forge_fast_mode_matches_the_engine_at_plain_lora_rows(case):
     assert not host.warnings and state.failed is None
     seen = [s["rows"] for s in host.after.model.diffusion_model.seen]
     chunks = len(cond) + (cfg != 1.0)
-    assert sum(seen) == 2 * 3 * 2 * chunks + 2 * 2 * chunks  # 2 images: full steps 3 groups, fast steps 1
+    # 2 images; full steps: 3 groups on the cond chunks, then the masked pass of every chunk; fast steps: the latter.
+    assert sum(seen) == 2 * (3 * 2 * len(cond) + 2 * chunks) + 2 * 2 * chunks
     torch.testing.assert_close(got, fg.reference(host, x, cond, u, cfg=cfg, settings=HOST_FAST), rtol=1e-4,
                                atol=1e-4)
     full, _ = fg.run(host, fg.ON, x=x, cond=cond, uncond=u, cfg=cfg)

@@ -155,6 +155,7 @@ class StepRecord:
     broken: bool = False  # a call of this step failed: its other calls' rows are re-run plainly in end_step
     rows: int = 0  # rows of every model call of the step, composed or not (== cond rows when uncond was skipped)
     fast: bool = False  # one masked pass per call (speed fast between full steps)
+    correct: bool = False  # speed fast's full step: base + LoRAs on the cond rows; every row masked in end_step
 
 
 def cond_layout(x_in: Tensor, n_cond: int, n_images: int) -> BatchLayout:
@@ -274,8 +275,9 @@ class GenerationState:
             return
         try:
             layout = cond_layout(x_in, n_cond, n_images)
-            self.record = StepRecord(layout, x_in, sigma_in, step,
-                                     fast=self.composer.fast_step(step, len(layout.cond_rows)))
+            fast = self.composer.fast_step(step, len(layout.cond_rows))
+            self.record = StepRecord(layout, x_in, sigma_in, step, fast=fast,
+                                     correct=not fast and self.composer.corrects)
         except Declined as exc:
             self.fail(str(exc))
 
@@ -288,9 +290,13 @@ class GenerationState:
         try:
             # When A1111 skips the uncond rows it cuts x and sigma but not image_cond; the model reads only the
             # first len(x) rows of it, so cutting here keeps every tensor row-aligned for batching.
-            cut = tree_map(lambda t: t[: x.shape[0]] if t.dim() and t.shape[0] > x.shape[0] else t, kwargs)
+            cut = _cut(kwargs, x.shape[0])
             if rec.fast:
                 out = self.fast_call(inner, x, sigma, cut)
+                rec.calls.append((inner, x, sigma, kwargs))
+                return out
+            if rec.correct:
+                out = self.cond_rows_call(inner, x, sigma, cut)
                 rec.calls.append((inner, x, sigma, kwargs))
                 return out
             with self.base_weights():
@@ -317,6 +323,18 @@ class GenerationState:
         with self.base_weights(), self.router.masked(self.composer.masks(masks)):
             return inner(x, sigma, **kwargs)
 
+    def cond_rows_call(self, inner: Any, x: Tensor, sigma: Tensor, kwargs: dict) -> Tensor:
+        """A corrected full step (speed fast): base + LoRAs on this call's cond rows (A1111 puts them first); the
+        rows it returns are placeholders, as end_step writes every row of the step."""
+        rec = self.record
+        start = rec.rows - x.shape[0]  # model_call counted this call's rows already
+        k = max(0, min(x.shape[0], len(rec.layout.cond_rows) - start))
+        if k:
+            with self.base_weights():
+                rec.preds.append(self.composer.predict(lambda a: inner(a[0], a[1], **a[2]),
+                                                       (x[:k], sigma[:k], _cut(kwargs, k)), rec.step))
+        return torch.zeros_like(x)
+
     def end_step(self, x_out: Tensor) -> None:
         """cfg_denoised callback: fuse the recorded predictions into the host's x_out, in place.
 
@@ -329,7 +347,10 @@ class GenerationState:
         if self.failed is None and not rec.broken:
             try:
                 if rec.fast:
-                    self.accumulate_maps(rec.layout)  # x_out already holds the masked passes' predictions
+                    self.correct_fast(x_out, rec)  # x_out holds the masked passes' predictions
+                    self.accumulate_maps(rec.layout)
+                elif rec.correct:
+                    self.masked_into(x_out, rec)
                 else:
                     self.fuse_into(x_out, rec)
                 return
@@ -353,6 +374,36 @@ class GenerationState:
         _fill_standins(x_out, rows, layout)
         self.accumulate_maps(rec.layout)
 
+    def _x0_args(self, rec: StepRecord, n: int) -> tuple[Tensor | None, Tensor | None]:
+        """(x, sigma) of the first n rows when the denoiser returns x0; (None, None) when it returns ε."""
+        return (None, None) if self.eps_space else (rec.x_in[:n], rec.sigma_in[:n])
+
+    def correct_fast(self, x_out: Tensor, rec: StepRecord) -> None:
+        """A fast step's cond rows plus the last corrected full step's residual (FastRules.correct)."""
+        n = len(rec.layout.cond_rows)
+        x_out[:n] = self.composer.corrected(x_out[:n], 0, *self._x0_args(rec, n))
+        _fill_standins(x_out, rec.rows, BatchLayout(rec.layout.cond_rows) if rec.rows == n else rec.layout)
+
+    def masked_into(self, x_out: Tensor, rec: StepRecord) -> None:
+        """A corrected full step: the fused cond rows (Ω from them), every recorded call's rows by one masked pass
+        with that Ω, and the residual ε_fused − ε_masked of the cond rows kept for the fast steps."""
+        layout, n = rec.layout, len(rec.layout.cond_rows)
+        x, sigma = self._x0_args(rec, n)
+        fused = self.composer.fuse(torch.cat(rec.preds, dim=1), BatchLayout(tuple(range(n))), rec.step, x, sigma,
+                                   base=True)
+        used = layout if rec.rows > n else BatchLayout(layout.cond_rows)  # the host may have skipped the uncond
+        masks = self.composer.row_masks(used, rec.rows)
+        start = 0
+        for inner, cx, cs, kwargs in rec.calls:
+            k = cx.shape[0]
+            with self.base_weights(), self.router.masked(self.composer.masks(masks[:, start:start + k])):
+                x_out[start:start + k] = inner(cx, cs, **_cut(kwargs, k))
+            start += k
+        self.composer.keep_residual(fused, x_out[:n].clone(), 0, x, sigma)
+        x_out[:n] = fused
+        _fill_standins(x_out, rec.rows, used)
+        self.accumulate_maps(layout)
+
     def replay(self, x_out: Tensor, rec: StepRecord) -> None:
         """The host's plain calls for the rows our composed calls produced (A1111 fills x_out in call order)."""
         start = 0
@@ -375,6 +426,12 @@ class GenerationState:
         if self.failed is None:
             self.failed = reason
             self.warn(f"LoRAtorio stopped: {reason}; the rest was sampled normally")
+
+
+def _cut(kwargs: dict, rows: int) -> dict:
+    """The call's tensors cut to its first `rows` rows (A1111 cuts x and sigma but not image_cond when it skips the
+    uncond rows; the model reads only the first rows of it)."""
+    return tree_map(lambda t: t[:rows] if t.dim() and t.shape[0] > rows else t, kwargs)
 
 
 def _fill_standins(x_out: Tensor, rows: int, layout: BatchLayout) -> None:

@@ -46,6 +46,7 @@ from loratorio.core import (
     Settings,
     in_window,
     merged_weight,
+    tree_map,
 )
 from loratorio.hosts.checks import dry_run, inject_fault
 from loratorio.maps import accumulate
@@ -506,6 +507,8 @@ class StepRecord:
     fast: bool = False  # speed fast between full steps: one masked pass per call
     maps: list[Tensor] = field(default_factory=list)  # full step: each cond chunk's Ω, in arrival order
     fast_conds: int = 0  # fast step: cond chunks seen so far
+    correct: bool = False  # speed fast's full step: base + LoRAs on the cond chunks; masked pass in finish_step
+    fused_conds: list[Tensor] = field(default_factory=list)  # corrected full step: each cond chunk's fusion
 
 
 @dataclass
@@ -551,7 +554,8 @@ class GenerationState:
         # A fast step needs every cond chunk's map from the last full step (chunks come in the same order each step).
         fast = active and len(self.chunk_maps) == len(cond) and self.composer.fast_step(
             step, self.chunk_maps[0].shape[1] if self.chunk_maps else 0)
-        self.record = StepRecord(step, active, len(cond), strength, uncond is not None and not skip, fast=fast)
+        self.record = StepRecord(step, active, len(cond), strength, uncond is not None and not skip, fast=fast,
+                                 correct=active and not fast and self.composer.corrects)
 
     def model_call(self, apply_model: Callable, args: dict, prev: Callable | None) -> Tensor:
         """model_function_wrapper: base + LoRAs on this call's chunks; cond chunks fused, uncond kept for CFG."""
@@ -593,6 +597,8 @@ class GenerationState:
         if rec.fast:
             return self.fast_call(call, args, rec, kinds, b)
         tensors = {k: v for k, v in c.items() if k not in ("transformer_options", "control_model")}
+        if rec.correct:
+            return self.cond_chunks_call(call, args, rec, kinds, b, tensors)
         # Which row of this host call each row is, so that a chunk's per-chunk options follow its rows; a host
         # chunk's b rows stay in one call (the unit), as cond_or_uncond describes whole chunks.
         row_ids = torch.arange(x.shape[0])
@@ -615,21 +621,81 @@ class GenerationState:
             out[rows] = self.uncond_of(rec)
         return out
 
-    def fast_call(self, call: Callable[[dict], Tensor], args: dict, rec: StepRecord, kinds: list, b: int) -> Tensor:
-        """Speed fast: the call's chunks in one pass, each LoRA masked by its map from the last full step. A cond
-        chunk takes the map of the cond chunk that came at its place then; the negative, the first sub-prompt's
-        (the last to run) scaled by 1 − λ, as `uncond_of` fuses it."""
-        masks = []
+    def cond_chunks_call(self, call: Callable[[dict], Tensor], args: dict, rec: StepRecord, kinds: list, b: int,
+                         tensors: dict) -> Tensor:
+        """A corrected full step (speed fast): base + LoRAs on this call's cond chunks only, fused at once; the
+        uncond rows it returns are placeholders, replaced in finish_step by the masked pass's."""
+        x, sigma = args["input"], args["timestep"]
+        out = torch.zeros_like(x)
+        cond_at = [i for i, kind in enumerate(kinds) if kind == 0]
+        if not cond_at:
+            return out
+        idx = torch.cat([torch.arange(i * b, (i + 1) * b) for i in cond_at])
+        sub = tree_map(lambda t: t.index_select(0, idx.to(t.device)) if t.dim() and t.shape[0] == x.shape[0]
+                       else t, tensors)
+        preds = self.composer.predict(partial(_expanded_call, call, args, b), (x[idx], sigma[idx], sub, idx),
+                                      rec.step, unit=b)
+        for j, i in enumerate(cond_at):
+            rows = slice(i * b, (i + 1) * b)
+            chunk = Chunk(preds[:, j * b:(j + 1) * b], x[rows], sigma[rows])
+            out[rows] = self.fuse_cond(chunk, rec)
+            rec.conds.append(chunk)
+            rec.fused_conds.append(out[rows])
+            rec.maps.append(self.composer.last_weights)
+        return out
+
+    def chunk_masks(self, kinds: list, b: int, first: int) -> tuple[Tensor, list[int]]:
+        """The masks of one call's chunks, and the arrival ordinal of each cond chunk in the step (from `first`): a
+        cond chunk takes the map of the cond chunk that came at its place on the full step; the negative, the first
+        sub-prompt's (the last to run) scaled by 1 − λ, as `uncond_of` fuses it."""
+        masks, ordinals = [], []
         for kind in kinds:
             if kind == 0:
-                w = self.chunk_maps[rec.fast_conds]
-                rec.fast_conds += 1
+                ordinals.append(first + len(ordinals))
+                w = self.chunk_maps[ordinals[-1]]
                 masks.append(self.composer.row_masks(BatchLayout(tuple(range(b))), b, w))
             else:
                 w = self.chunk_maps[-1]
                 masks.append(self.composer.row_masks(BatchLayout.cond_then_uncond(b), 2 * b, w)[:, b:])
-        with self.router.masked(self.composer.masks(torch.cat(masks, dim=1))):
-            return call(args)
+        return torch.cat(masks, dim=1), ordinals
+
+    def fast_call(self, call: Callable[[dict], Tensor], args: dict, rec: StepRecord, kinds: list, b: int) -> Tensor:
+        """Speed fast: the call's chunks in one pass, each LoRA masked by its map from the last full step; each
+        cond chunk plus the residual that full step kept for it (FastRules.correct)."""
+        masks, ordinals = self.chunk_masks(kinds, b, rec.fast_conds)
+        rec.fast_conds += len(ordinals)
+        with self.router.masked(self.composer.masks(masks)):
+            out = call(args)
+        x, sigma = args["input"], args["timestep"]
+        for i in [i for i, kind in enumerate(kinds) if kind == 0]:
+            rows = slice(i * b, (i + 1) * b)
+            out[rows] = self.composer.corrected(out[rows], ordinals.pop(0), x[rows], sigma[rows])
+        return out
+
+    def masked_pass(self, rec: StepRecord, args: dict) -> dict:
+        """A corrected full step's end: every recorded call again as one masked pass with this step's maps; each
+        cond chunk's residual ε_fused − ε_masked is kept, and the masked negative goes to the CFG."""
+        if len(self.chunk_maps) != rec.n_cond or len(rec.fused_conds) != rec.n_cond:
+            raise Declined("the step's cond chunks did not all come through LoRAtorio")
+        seen, unconds = 0, []
+        for call, call_args in rec.calls:
+            kinds = list(call_args["cond_or_uncond"])
+            b = call_args["input"].shape[0] // len(kinds)
+            masks, ordinals = self.chunk_masks(kinds, b, seen)
+            seen += len(ordinals)
+            with self.router.masked(self.composer.masks(masks)):
+                out = call({**call_args, "c": _fresh_control(call_args["c"])})
+            x, sigma = call_args["input"], call_args["timestep"]
+            for i, kind in enumerate(kinds):
+                rows = slice(i * b, (i + 1) * b)
+                if kind == 0:
+                    j = ordinals.pop(0)
+                    self.composer.keep_residual(rec.fused_conds[j], out[rows], j, x[rows], sigma[rows])
+                else:
+                    unconds.append(out[rows])
+        if unconds:
+            args = {**args, "uncond_denoised": unconds[0], "uncond": args["input"] - unconds[0]}
+        return args
 
     def fuse_cond(self, chunk: Chunk, rec: StepRecord) -> Tensor:
         """One cond chunk fused against its reference (its base rows, or the step's base uncond rows)."""
@@ -662,7 +728,9 @@ class GenerationState:
             if len(rec.maps) == rec.n_cond:
                 self.chunk_maps = rec.maps
             try:
-                if rec.uncond is not None:
+                if rec.correct:
+                    args = self.masked_pass(rec, args)
+                elif rec.uncond is not None:
                     fused = self.uncond_of(rec)
                     args = {**args, "uncond_denoised": fused, "uncond": args["input"] - fused}
                 self.accumulate_maps()
