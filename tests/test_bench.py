@@ -61,11 +61,11 @@ def test_speed_report_on_a_stand_in_unet(monkeypatch, tmp_path, capsys):
         assert r["sequential_over_batched"] == pytest.approx(t["sequential"] / t["batched"])
         assert r["full_over_merged"] == pytest.approx(t["batched"] / t["merged"])
         # 20 steps with a full one every 4 (steps 0, 4, 8, 12, 16): 5 full steps and 15 fast ones.
-        run = 5 * t["batched"] + 15 * t["fast"]
+        run = 5 * t["fast_full"] + 15 * t["fast"]
         assert r["fast_over_merged"]["4"] == pytest.approx(run / (20 * t["merged"]))
         assert r["lora_factors_mib"] > 0
     evals = report["per_n"]["3"]["row_evaluations_per_image_step"]["4"]
-    assert evals == {"merged": 2.0, "full": 8.0, "fast": pytest.approx((5 * 8 + 15 * 2) / 20)}
+    assert evals == {"merged": 2.0, "full": 8.0, "fast": pytest.approx((5 * 6 + 15 * 2) / 20)}
     printed = capsys.readouterr().out
     assert "batched/floor" in printed and "fast/merged (full every 4)" in printed
     try:
@@ -82,7 +82,8 @@ def test_speed_times_only_the_kinds_asked_for(monkeypatch, tmp_path):
             "--kinds", "merged", "batched", "fast", "--full-every", "8", "--json", str(out)]
     assert bench_main(argv) == 0
     r = json.loads(out.read_text())["per_n"]["2"]
-    assert set(r["rows"]) == {"merged", "remerge", "batched", "fast"} and list(r["fast_over_merged"]) == ["8"]
+    assert set(r["rows"]) == {"merged", "remerge", "batched", "fast", "fast_full"}
+    assert list(r["fast_over_merged"]) == ["8"]
     assert "batched_over_floor" not in r
 
 

@@ -50,10 +50,11 @@ TINY = {"sample_size": 8, "block_out_channels": (32, 64), "cross_attention_dim":
 
 # kohya's usual SD targets: attention projections, feed-forward, resnet convs.
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "conv1", "conv2")
-KINDS = ("base", "merged", "remerge", "sequential", "batched", "fast", "floor", "fusion")
+KINDS = ("base", "merged", "remerge", "sequential", "batched", "fast", "fast_full", "floor", "fusion")
 LABELS = {"base": "plain base, batch 2", "merged": "merged LoRAs, batch 2 (plain LoRA)",
           "remerge": "re-merge on LoRA change", "sequential": "LoRAtorio sequential",
           "batched": "LoRAtorio full step (batched)", "fast": "LoRAtorio fast step (masked, batch 2)",
+          "fast_full": "LoRAtorio fast's full step (base + LoRAs on the prompt, masked pass)",
           "floor": "floor: base, 2(N+1) rows", "fusion": "fusion alone"}
 
 
@@ -238,7 +239,9 @@ def rows_for(unet: nn.Module, loras: list[dict[str, LowRank]], inputs: tuple,
     x, sigma = inputs[0], torch.full((2,), 5.0, device=inputs[0].device)
     composers = {b: Composer(router, Settings(enabled=True), batched=b) for b in (False, True)}
     # A fast step right after a full one (step 0 computes Ω, step 1 reuses it as masks), as sampling meets it.
-    fast = Composer(router, Settings(enabled=True, speed="fast", full_every=100), fast_rules=rules or FastRules())
+    fast_settings = Settings(enabled=True, speed="fast", full_every=100)
+    fast = Composer(router, fast_settings, fast_rules=rules or FastRules())
+    fast_full = Composer(router, fast_settings, fast_rules=rules or FastRules())  # step 0 of its own: always full
     floor_inputs = tree_repeat(inputs, n + 1)
     with router:
         preds = evaluate(fn, inputs, router, batched=True)
@@ -251,11 +254,12 @@ def rows_for(unet: nn.Module, loras: list[dict[str, LowRank]], inputs: tuple,
         Row("sequential", lambda: composers[False](fn, inputs, layout, 0, x, sigma), router.install, router.remove),
         Row("batched", lambda: composers[True](fn, inputs, layout, 0, x, sigma), router.install, router.remove),
         Row("fast", lambda: fast(fn, inputs, layout, 1, x, sigma), router.install, router.remove),
+        Row("fast_full", lambda: fast_full(fn, inputs, layout, 0, x, sigma), router.install, router.remove),
         Row("floor", lambda: fn(floor_inputs)),
         Row("fusion", lambda: composers[True].fuse(preds, layout, 0, x, sigma)),
     ]
-    # "merged" needs the merge that "remerge" makes (restored after it): they go together.
-    wanted = set(kinds) | ({"remerge"} if "merged" in kinds else set())
+    # "merged" needs the merge that "remerge" makes (restored after it), and "fast" its full steps: they go together.
+    wanted = set(kinds) | ({"remerge"} if "merged" in kinds else set()) | ({"fast_full"} if "fast" in kinds else set())
     return [row for row in rows if row.name in wanted]
 
 
@@ -290,9 +294,9 @@ def full_steps(steps: int, full_every: int) -> int:
 
 def row_evaluations(n: int, steps: int, full_every: int) -> dict[str, float]:
     """UNet row-evaluations per image and step (device-independent): plain LoRA 2 (prompt, negative); LoRAtorio
-    2(N+1); fast 2 on its fast steps (plus N+1 passes of each cross-attention layer, not whole-UNet rows)."""
+    2(N+1); fast N+1 prompt rows and the 2-row masked pass on its full steps, 2 on its fast steps."""
     full = full_steps(steps, full_every)
-    return {"merged": 2.0, "full": 2.0 * (n + 1), "fast": (full * 2 * (n + 1) + (steps - full) * 2) / steps}
+    return {"merged": 2.0, "full": 2.0 * (n + 1), "fast": (full * (n + 3) + (steps - full) * 2) / steps}
 
 
 def summarise(rows: dict[str, dict[str, Any]], loras: list[dict[str, LowRank]], steps: int = 20,
@@ -310,13 +314,14 @@ def summarise(rows: dict[str, dict[str, Any]], loras: list[dict[str, LowRank]], 
         out["fusion_over_batched"] = t["fusion"] / t["batched"]
     if {"batched", "merged"} <= t.keys():
         out["full_over_merged"] = t["batched"] / t["merged"]
-    if {"batched", "fast", "merged"} <= t.keys():
+    if {"fast_full", "fast", "merged"} <= t.keys():
         out["fast_step_over_merged"] = t["fast"] / t["merged"]
+        out["fast_full_step_over_merged"] = t["fast_full"] / t["merged"]
         out["fast_over_merged"] = {}
         out["row_evaluations_per_image_step"] = {}
         for k in full_every:
             full = full_steps(steps, k)
-            run = full * t["batched"] + (steps - full) * t["fast"]
+            run = full * t["fast_full"] + (steps - full) * t["fast"]
             out["fast_over_merged"][str(k)] = run / (steps * t["merged"])
             out["row_evaluations_per_image_step"][str(k)] = row_evaluations(len(loras), steps, k)
     return out
@@ -343,7 +348,8 @@ def machine(device: torch.device) -> dict[str, Any]:
 
 RATIOS = (("batched_over_floor", "batched/floor", "{:.3f}"), ("sequential_over_batched", "seq/batched", "{:.2f}"),
           ("fusion_over_batched", "fusion share", "{:.2%}"), ("full_over_merged", "full/merged", "{:.2f}"),
-          ("fast_step_over_merged", "fast step/merged", "{:.2f}"))
+          ("fast_step_over_merged", "fast step/merged", "{:.2f}"),
+          ("fast_full_step_over_merged", "fast's full step/merged", "{:.2f}"))
 
 
 def format_table(report: dict[str, Any]) -> str:
