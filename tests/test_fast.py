@@ -279,6 +279,9 @@ def test_corrected_fast_mode_fuses_the_prompt_exactly_and_carries_the_residual()
     torch.testing.assert_close(outs[4][2:], by_hand[4][2:])
     uncorrected = schedule_run(Settings(**FAST))[1]
     assert (outs[4] - uncorrected[4]).abs().mean() > 1e-4
+    every, every_outs, _ = schedule_run(Settings(**{**FAST, "full_every": 1}), rules=FastRules())
+    assert every == [12] * 7  # a full step at every step is full speed, exactly
+    torch.testing.assert_close(every_outs, full_outs, rtol=0, atol=0)
 
 
 def test_the_residual_is_kept_in_eps_space_for_x0_predictions():

@@ -168,10 +168,11 @@ class Composer:
     @property
     def corrects(self) -> bool:
         """Whether full steps keep the residual of the masked pass (speed fast, FastRules.correct "cond"; the
-        reference must be the prompt rows, which are all the full step evaluates per LoRA)."""
+        reference must be the prompt rows, which are all the full step evaluates per LoRA). A full step at every
+        step has no fast step to correct: it is full speed, exactly."""
         s = self.settings
         return (s.speed == "fast" and s.mode == "loratorio" and self.fast_rules.correct == "cond"
-                and s.reference == "cond")
+                and s.reference == "cond" and s.full_every > 1)
 
     def keep_residual(self, fused: Tensor, masked: Tensor, key: int = 0, x: Tensor | None = None,
                       sigma: Tensor | None = None) -> None:
