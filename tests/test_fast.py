@@ -24,6 +24,7 @@ from loratorio.core import (
     merged_weight,
 )
 from loratorio.core.masked import RowMasks
+from loratorio.hosts import a1111, forge
 from tests.toy import CTX, make_lora, make_unet, merged_copy
 
 FAST = dict(enabled=True, patch_size=4, temperature=0.05, speed="fast", full_every=3)
@@ -365,3 +366,49 @@ def test_sharpened_masks_keep_each_pixels_winner_and_sum_to_one():
         assert torch.equal(s.argmax(0), w.argmax(0))
         assert (s.max(0).values >= w.max(0).values - 1e-6).all()  # the winner only gains
     assert set(sharpened(w, float("inf")).unique().tolist()) == {0.0, 1.0}
+
+
+def test_a1111_a_failure_in_the_corrected_full_steps_masked_pass_falls_back_to_the_host(monkeypatch):
+    """The masked pass runs in end_step: if it fails, the step's rows are the host's own, and so is the rest (the
+    image equals a run whose composition window ends before that step)."""
+    from tests import test_a1111 as a1
+
+    host, x, c, u = a1.Host(), a1.latent(), a1.simple(a1.conds()), a1.conds(seed=8)
+    want, _ = a1.run(host, dataclasses.replace(HOST_FAST, end=0.5), x=x, cond=c, uncond=u)
+    denoiser = host.denoiser()
+    state = host.install(denoiser, HOST_FAST)
+    real = state.composer.keep_residual
+
+    def flaky(*args, **kwargs):
+        if state.composer._full_step == 2:  # the step just fused (the host's record is already closed)
+            raise RuntimeError("boom")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(state.composer, "keep_residual", flaky)
+    got = a1.sample(denoiser, x, c, u)
+    a1111.remove(state)
+    assert state.failed and "boom" in host.warnings[0] and len(host.warnings) == 1
+    torch.testing.assert_close(got, want)
+
+
+def test_forge_a_failure_in_the_corrected_full_steps_masked_pass_falls_back_to_the_host(monkeypatch):
+    from tests import test_forge as fg
+
+    host, x, c, u = fg.Host(), fg.latent(), fg.prompt(), fg.prompt(seed=8)
+    want, _ = fg.run(host, dataclasses.replace(HOST_FAST, end=0.5), x=x, cond=[c], uncond=u)
+    host.reset()
+    state = host.install(HOST_FAST)
+    real = state.composer.keep_residual
+
+    def flaky(*args, **kwargs):
+        if state.composer._full_step == 2:
+            raise RuntimeError("boom")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(state.composer, "keep_residual", flaky)
+    try:
+        got = fg.sample(host, x, [c], u)
+    finally:
+        forge.remove(state)
+    assert state.failed and "boom" in host.warnings[0] and len(host.warnings) == 1
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
