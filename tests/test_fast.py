@@ -412,3 +412,9 @@ def test_forge_a_failure_in_the_corrected_full_steps_masked_pass_falls_back_to_t
         forge.remove(state)
     assert state.failed and "boom" in host.warnings[0] and len(host.warnings) == 1
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_fast_rules_refuse_unknown_values():
+    for bad in ({"correct": "all"}, {"uncond": "base"}, {"sharpen": 0.0}):
+        with pytest.raises(ValueError, match="correct must be"):
+            FastRules(**bad)

@@ -78,6 +78,10 @@ class FastRules:
     # Ω_i^γ renormalised over the LoRAs before masking (inf: each pixel's winner alone); 1 keeps Ω.
     sharpen: float = 1.0
 
+    def __post_init__(self) -> None:
+        if self.correct not in ("cond", "none") or self.uncond not in ("scaled", "rows") or not self.sharpen > 0:
+            raise ValueError(f"correct must be 'cond' or 'none', uncond 'scaled' or 'rows', sharpen > 0: {self}")
+
 
 class Composer:
     """Runs one mode of composition per step; keeps the last weight map for display (and for `reuse` and `fast`)."""
