@@ -640,7 +640,7 @@ class GenerationState:
             chunk = Chunk(preds[:, j * b:(j + 1) * b], x[rows], sigma[rows])
             out[rows] = self.fuse_cond(chunk, rec)
             rec.conds.append(chunk)
-            rec.fused_conds.append(out[rows])
+            rec.fused_conds.append(out[rows].clone())  # the host may reuse the returned tensor
             rec.maps.append(self.composer.last_weights)
         return out
 
