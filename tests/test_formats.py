@@ -335,3 +335,16 @@ def test_the_fault_hook_is_inert_unless_set(monkeypatch):
     assert checks.inject_fault(tables, ["a"]) is tables
     monkeypatch.setenv(FAULT_ENV, "other")
     assert checks.inject_fault(tables, ["a"]) is tables
+
+
+def test_probe_passes_layers_stored_in_fp8():
+    """A1111's "FP8 weight" (and Forge's fp8 UNet) store Linear/Conv weights as float8: the dry run computes in fp32
+    as the hosts do, instead of failing every LoRA (seen on the real A1111 with SDXL)."""
+    g = torch.Generator().manual_seed(0)
+    cases = [(nn.Linear(8, 6), (2, 8), (6, 2)), (nn.Conv2d(4, 6, 3, padding=1), (2, 4, 3, 3), (6, 2, 1, 1))]
+    for layer, down, up in cases:
+        layer.to(torch.float8_e4m3fn)
+        col = torch.rand(layer.weight.shape[1], generator=g) + 0.5
+        for adapter in (LowRank(torch.randn(*down, generator=g), torch.randn(*up, generator=g)),
+                        Rescaled(None, None, col)):
+            probe(layer, adapter)

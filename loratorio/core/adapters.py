@@ -414,6 +414,9 @@ def probe(layer: nn.Module, adapter: Adapter) -> None:
     weight = getattr(layer, "weight", None)
     device = weight.device if isinstance(weight, Tensor) else torch.device("cpu")
     dtype = weight.dtype if isinstance(weight, Tensor) and weight.is_floating_point() else torch.float32
+    if dtype.itemsize < 2:
+        # fp8 storage (A1111's "FP8 weight", Forge's fp8 UNet): the host computes in a wider type, so does the probe.
+        dtype = torch.float32
     g = torch.Generator(device="cpu").manual_seed(0)
 
     def randn(*shape: int) -> Tensor:
@@ -436,7 +439,7 @@ def probe(layer: nn.Module, adapter: Adapter) -> None:
             y = torch.zeros(1, 2, out, device=device, dtype=dtype)
             if isinstance(weight, Tensor) and weight.is_floating_point() and weight.dim() == 2:
                 bias = getattr(layer, "bias", None)
-                y = F.linear(x, weight, bias.to(dtype) if isinstance(bias, Tensor) else None)
+                y = F.linear(x, weight.to(dtype), bias.to(dtype) if isinstance(bias, Tensor) else None)
         got = adapter.apply(layer, x, y.clone())
     if got.shape != y.shape:
         raise ValueError(f"gives {tuple(got.shape)} for the layer's {tuple(y.shape)}")
