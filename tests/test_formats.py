@@ -348,3 +348,25 @@ def test_probe_passes_layers_stored_in_fp8():
         for adapter in (LowRank(torch.randn(*down, generator=g), torch.randn(*up, generator=g)),
                         Rescaled(None, None, col)):
             probe(layer, adapter)
+
+
+@pytest.mark.parametrize("layer", [nn.Linear(8, 6), nn.Conv2d(8, 6, 1)])
+def test_low_rank_adds_into_a_narrower_output_as_under_autocast(layer):
+    """Under CPU autocast (A1111's FP8 weight) a layer's output is bf16 while its input may be fp32 (the first
+    layers): the in-place accumulation must cast, on the per-adapter path and the routed grouped one."""
+    g = torch.Generator().manual_seed(0)
+    conv = isinstance(layer, nn.Conv2d)
+    adapter = LowRank(torch.randn(2, 8, *([1, 1] if conv else []), generator=g),
+                      torch.randn(6, 2, *([1, 1] if conv else []), generator=g))
+    x = torch.randn(3, 8, 4, 4, generator=g) if conv else torch.randn(3, 5, 8, generator=g)
+    with torch.no_grad():
+        y = layer(x)
+        want = adapter.apply(layer, x, y.clone())
+        got = adapter.apply(layer, x, y.to(torch.bfloat16))
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)
+        if not conv:
+            with MultiAdapter(layer, [{"": adapter}]) as router, torch.autocast("cpu", dtype=torch.bfloat16):
+                with router.routed((0, 0, 0)):
+                    routed = layer(x)
+            torch.testing.assert_close(routed.float(), want, rtol=0.05, atol=0.05)

@@ -110,6 +110,8 @@ def add_linear_(y: Tensor, h: Tensor, up: Tensor, scale: float) -> Tensor:
     In place because y is the routed rows' view of the layer output (no scatter copy); one addmm also spares the
     delta's temporary and a second pass over y.
     """
+    # Under autocast (A1111's fp8 storage on CPU: bf16) y can be narrower than x; in-place ops are not autocast.
+    h, up = h.to(y.dtype), up.to(y.dtype)
     if y.is_contiguous() and h.shape[:-1] == y.shape[:-1]:
         y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), up.t(), alpha=scale)
         return y
@@ -118,6 +120,7 @@ def add_linear_(y: Tensor, h: Tensor, up: Tensor, scale: float) -> Tensor:
 
 def add_conv1x1_(y: Tensor, h: Tensor, up: Tensor, scale: float) -> Tensor:
     """y += scale · (1×1 conv of h by up) in place; y (B, out, H, W), h (B, r, H, W), up (out, r)."""
+    h, up = h.to(y.dtype), up.to(y.dtype)  # see add_linear_
     if y.is_contiguous() and h.shape[-2:] == y.shape[-2:]:
         b, r = h.shape[:2]
         y.view(b, y.shape[1], -1).baddbmm_(up.expand(b, *up.shape), h.reshape(b, r, -1), alpha=scale)

@@ -307,7 +307,8 @@ class MultiAdapter:
             return False
         down, up = stack.on(x)
         h = torch.bmm(x[start:stop].reshape(len(labels), -1, x.shape[-1]), down)
-        out.view(len(labels), -1, out.shape[-1]).baddbmm_(h, up)
+        # In place, so not autocast: under it (A1111's fp8 storage: bf16) the output can be narrower than x.
+        out.view(len(labels), -1, out.shape[-1]).baddbmm_(h.to(out.dtype), up.to(out.dtype))
         return True
 
 
