@@ -106,6 +106,15 @@ def assert_composed(info):
     assert params["LoRAtorio mode"] in ("loratorio", "composite", "switch")
 
 
+def skip_if_the_host_requantises_its_merge():
+    """A1111's FP8 weight re-quantises each merged LoRA weight to fp8 (networks.py: `weight.copy_((weight + updown)
+    .to(fp8))`) while LoRAtorio adds the exact delta, so the host's plain LoRA is no reference within 1/255 there.
+    With "Lora functional" the host adds the delta in the forward, and the comparison holds again."""
+    o = options()
+    if o.get("fp8_storage", "Disable") != "Disable" and not o.get("lora_functional", False):
+        pytest.skip("A1111 FP8 weight re-quantises the host's merged LoRA: no exact reference")
+
+
 @pytest.fixture(scope="module", autouse=True)
 def expected_checkpoint():
     if CHECKPOINT:
@@ -134,6 +143,7 @@ def test_routed_lora_equals_host_merged_lora():
 
     LoRA b's text-encoder multiplier is 0, so both requests encode the prompt alike.
     """
+    skip_if_the_host_requantises_its_merge()
     plain, _ = txt2img(f" <lora:{LORAS[0]}:1>")
     assert_contrast(plain[0])
     routed, info = txt2img(f" <lora:{LORAS[0]}:1> <lora:{LORAS[1]}:0:1>",
@@ -148,6 +158,7 @@ def test_global_lora_stays_merged_while_the_others_are_composed():
 
     b's text-encoder multiplier is 0, so both requests encode the prompt alike.
     """
+    skip_if_the_host_requantises_its_merge()
     plain, _ = txt2img(f" <lora:{LORAS[0]}:1> <lora:{LORAS[2]}:1>")
     routed, info = txt2img(f" <lora:{LORAS[0]}:1> <lora:{LORAS[1]}:0:1> <lora:{LORAS[2]}:1>",
                            [{"enabled": True, "mode": "switch", "switch_interval": 1000, "global_loras": LORAS[2]}])

@@ -1,7 +1,7 @@
 """Wall-clock cost of LoRAtorio on a running WebUI, with and without ControlNet (not a test: a measurement).
 
     LORATORIO_WEBUI_URL=http://127.0.0.1:7861 python3 -m tests.webui_timing [--steps 4 12] [--repeats 1]
-        [--no-controlnet]
+        [--no-controlnet] [--modes batched fast]
 
 Marginal seconds per step between a short and a long request (start-up and decoding cancel out), for plain LoRA and
 LoRAtorio (auto, batched, sequential, and speed fast with a full step every 4), each without and (unless
@@ -21,6 +21,7 @@ from tests.test_webui_controlnet import MODEL, unit
 from tests.test_webui_smoke import TWO, URL, txt2img
 
 log = logging.getLogger("webui_timing")
+MODES = ("auto", "batched", "sequential", "fast")
 
 
 def controlnet_names() -> tuple[str, str]:
@@ -54,12 +55,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs=2, default=[4, 12])
     parser.add_argument("--repeats", type=int, default=1, help="requests per point; the fastest counts")
     parser.add_argument("--no-controlnet", action="store_true", help="time without ControlNet only")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                        help="rows to time (plain LoRA is always timed: the ratios need it)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     short, long = args.steps
     rows = [("plain LoRA", None)] + [(f"LoRAtorio {e}", {"enabled": True, "evaluation": e})
-                                     for e in ("auto", "batched", "sequential")]
-    rows.append(("LoRAtorio fast (full every 4)", {"enabled": True, "speed": "fast", "full_every": 4}))
+                                     for e in ("auto", "batched", "sequential") if e in args.modes]
+    if "fast" in args.modes:
+        rows.append(("LoRAtorio fast (full every 4)", {"enabled": True, "speed": "fast", "full_every": 4}))
     txt2img(TWO, steps=2)  # warm-up: loads the LoRAs
     table = {}
     controls = [("no ControlNet", None)]
