@@ -7,6 +7,7 @@ import torch
 from loratorio.core import (
     BatchLayout,
     Composer,
+    FastRules,
     MultiAdapter,
     Settings,
     evaluate,
@@ -234,6 +235,30 @@ def test_auto_global_moves_evenly_divergent_loras_to_every_row():
     flat = Composer(_Router(), Settings(enabled=True, patch_size=2, auto_global=10.0))
     flat.fuse(preds, BatchLayout((0,)), 0)
     assert len(flat.composed) == 1 and len(flat.router.shared) == 2
+
+
+def test_fast_mode_makes_evenly_divergent_loras_global_where_the_user_left_auto_global_off():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(1, 4, 8, 8, generator=g)
+    local = base.clone()
+    local[..., :2, :2] += 3 * torch.randn(4, 2, 2, generator=g)
+    even = base + 1.0  # a style: diverges alike everywhere (spread about 0.4, under fast mode's 0.5)
+    preds = torch.stack([base, local, even])
+
+    def composed(rules=None, **settings):
+        router = _Router()
+        router.n_adapters = 2
+        composer = Composer(router, Settings(enabled=True, patch_size=2, **settings), fast_rules=rules or FastRules())
+        composer.fuse(preds, BatchLayout((0,)), 0)
+        return composer.composed, composer.router.shared
+
+    assert composed(speed="fast") == ((0,), (1,))
+    assert composed() == ((0, 1), ())  # full speed: the user's 0 is off
+    assert composed(speed="fast", full_every=1) == ((0, 1), ())  # every step full: exactly full speed
+    assert composed(FastRules(auto_global=0.0), speed="fast") == ((0, 1), ())
+    assert composed(speed="fast", auto_global=0.01) == ((0, 1), ())  # the user's own threshold wins
+    with pytest.raises(ValueError, match="auto_global"):
+        FastRules(auto_global=-1.0)
 
 
 def test_temperature_schedule_runs_geometrically_over_the_steps():

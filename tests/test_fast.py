@@ -27,7 +27,9 @@ from loratorio.core.masked import RowMasks
 from loratorio.hosts import a1111, forge
 from tests.toy import CTX, make_lora, make_unet, merged_copy
 
-FAST = dict(enabled=True, patch_size=4, temperature=0.05, speed="fast", full_every=3)
+# A tiny threshold of the user's own keeps both LoRAs composed: fast mode's automatic globals (FastRules.auto_global)
+# would move the toy LoRAs, whose divergence is spread alike over the latent, to every row.
+FAST = dict(enabled=True, patch_size=4, temperature=0.05, speed="fast", full_every=3, auto_global=1e-6)
 
 
 class Attention(nn.Module):
@@ -300,10 +302,12 @@ def test_the_residual_is_kept_in_eps_space_for_x0_predictions():
         torch.testing.assert_close(composer.corrected(later[:1], 0, x[:1], sigma2[:1]), later[:1])
 
 
-HOST_FAST = Settings(enabled=True, patch_size=4, temperature=0.05, speed="fast", full_every=2)
+HOST_FAST = Settings(enabled=True, patch_size=4, temperature=0.05, speed="fast", full_every=2, auto_global=1e-6)
+AUTO_GLOBALS = dataclasses.replace(HOST_FAST, auto_global=0.0)  # fast mode's own threshold: the toy LoRAs go global
 
 
-@pytest.mark.parametrize("case", ["one call", "batch_cond_uncond off", "AND prompt", "skipped uncond", "timesteps"])
+@pytest.mark.parametrize("case", ["one call", "batch_cond_uncond off", "AND prompt", "skipped uncond", "timesteps",
+                                  "automatic globals"])
 def test_a1111_fast_mode_matches_the_engine_at_plain_lora_rows(case):
     from tests import fake_a1111 as fake
     from tests import test_a1111 as a1
@@ -320,21 +324,25 @@ def test_a1111_fast_mode_matches_the_engine_at_plain_lora_rows(case):
     rows = []
     host.unet.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
     cls = fake.CFGDenoiserTimesteps if case == "timesteps" else fake.CFGDenoiser
-    got, state = a1.run(host, HOST_FAST, cls=cls, x=x, cond=cond, uncond=u, eps=case == "timesteps",
+    settings = AUTO_GLOBALS if case == "automatic globals" else HOST_FAST
+    got, state = a1.run(host, settings, cls=cls, x=x, cond=cond, uncond=u, eps=case == "timesteps",
                         s_min_uncond=100.0 if case == "skipped uncond" else 0.0)
     assert not host.warnings and state.failed is None
     host_rows = rows[:]
-    expect = a1.reference(host, x, cond, u, layout, HOST_FAST)
+    expect = a1.reference(host, x, cond, u, layout, settings)
     torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-4)
     n, n_cond = len(layout.cond_rows) + len(layout.uncond_rows), len(layout.cond_rows)
     # Steps 0 and 2: base + 2 LoRAs on the cond rows, then the masked pass of the host's rows; 1 and 3: the latter.
-    assert sum(host_rows) == 2 * (3 * n_cond + n) + 2 * n
+    # With a LoRA made global after step 0, step 2 evaluates base + 1 LoRA.
+    composed = 2 if case != "automatic globals" else 1
+    assert sum(host_rows) == (3 * n_cond + n) + ((1 + composed) * n_cond + n) + 2 * n
     full, _ = a1.run(host, a1.ON, cls=cls, x=x, cond=cond, uncond=u, eps=case == "timesteps",
                      s_min_uncond=100.0 if case == "skipped uncond" else 0.0)
     assert (got - full).abs().mean() > 1e-4
 
 
-@pytest.mark.parametrize("case", ["forge", "reforge", "one chunk per call", "AND prompt", "cfg 1"])
+@pytest.mark.parametrize("case", ["forge", "reforge", "one chunk per call", "AND prompt", "cfg 1",
+                                  "automatic globals"])
 def test_forge_fast_mode_matches_the_engine_at_plain_lora_rows(case):
     from tests import test_forge as fg
 
@@ -342,14 +350,17 @@ def test_forge_fast_mode_matches_the_engine_at_plain_lora_rows(case):
     cond = [fg.prompt(), fg.prompt(seed=9, strength=0.5)] if case == "AND prompt" else [fg.prompt()]
     cfg = 1.0 if case == "cfg 1" else fg.CFG
     calls: list = []
-    got, state = fg.run(host, HOST_FAST, x=x, cond=cond, uncond=u, cfg=cfg, calls=calls,
+    settings = AUTO_GLOBALS if case == "automatic globals" else HOST_FAST
+    got, state = fg.run(host, settings, x=x, cond=cond, uncond=u, cfg=cfg, calls=calls,
                         max_chunks=1 if case == "one chunk per call" else None)
     assert not host.warnings and state.failed is None
     seen = [s["rows"] for s in host.after.model.diffusion_model.seen]
     chunks = len(cond) + (cfg != 1.0)
     # 2 images; full steps: 3 groups on the cond chunks, then the masked pass of every chunk; fast steps: the latter.
-    assert sum(seen) == 2 * (3 * 2 * len(cond) + 2 * chunks) + 2 * 2 * chunks
-    torch.testing.assert_close(got, fg.reference(host, x, cond, u, cfg=cfg, settings=HOST_FAST), rtol=1e-4,
+    # With a LoRA made global after step 0, step 2 evaluates 2 groups.
+    groups = 3 if case != "automatic globals" else 2
+    assert sum(seen) == (3 * 2 * len(cond) + 2 * chunks) + (groups * 2 * len(cond) + 2 * chunks) + 2 * 2 * chunks
+    torch.testing.assert_close(got, fg.reference(host, x, cond, u, cfg=cfg, settings=settings), rtol=1e-4,
                                atol=1e-4)
     full, _ = fg.run(host, fg.ON, x=x, cond=cond, uncond=u, cfg=cfg)
     assert (got - full).abs().mean() > 1e-4
