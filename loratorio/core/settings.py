@@ -77,7 +77,7 @@ class Settings:
     auto_global: float = field(default=0.0, metadata=_spec(
         "auto global", lo=0.0, hi=10.0, help="Make a LoRA global (as in 'global LoRAs') when its divergence from the "
         "base is spread evenly over the image at the first step: spread (std/mean over patches) below this value "
-        "(0 = off)."))
+        "(0 = off; with speed fast, 0 uses fast mode's own 0.5)."))
     temperature_end: float = field(default=0.0, metadata=_spec(
         "temperature end", lo=0.0, hi=10.0, help="Temperature at the last step; τ moves geometrically from "
         "'temperature' to it over the steps (0 = constant τ)."))
