@@ -90,8 +90,9 @@ def test_bad_api_value_fails_the_sampling_call_and_is_undone(forge_env):
     env.script.process_before_every_sampling(p, args)
     refused = p.sd_model.forge_objects.unet
     assert refused is not env.host.after and "model_function_wrapper" not in env.host.after.model_options
-    with pytest.raises(ValueError, match="'patch_size' must be in"):
+    with pytest.raises(ValueError, match="'patch_size' must be in") as err:
         sample(env.host, latent(), [prompt()], prompt(seed=8))
+    assert vars(err.value).get("status_code", 500) == 422  # what the host's API answers (api.py), not a 500
     env.script.process(p, {"enabled": False})  # the next request starts clean
     assert p.sd_model.forge_objects.unet is env.host.after
     env.script.process_before_every_sampling(p, {"enabled": False})

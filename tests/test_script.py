@@ -143,8 +143,9 @@ def test_bad_api_value_fails_the_request_with_a_clear_error(script_env):
     with pytest.raises(ValueError, match="'temperature' must be in"):
         env.script.process(p, args)
     env.script.process_before_every_sampling(p, args)
-    with pytest.raises(ValueError, match="'temperature' must be in"):
+    with pytest.raises(ValueError, match="'temperature' must be in") as err:
         sample(denoiser, latent(), simple(conds()), conds(seed=8))
+    assert vars(err.value).get("status_code", 500) == 422  # what the host's API answers (api.py), not a 500
     env.script.postprocess(p, SimpleNamespace(images=[], infotexts=[]), args)
     assert not isinstance(denoiser.model_wrap, env.entry.a1111.InnerModelProxy)
     p2, denoiser2 = make_p(env.host)  # the next request is clean

@@ -235,6 +235,7 @@ def test_text_encoder_lora_is_encoded_as_the_host_does():
 def test_bad_value_is_an_error_and_the_server_keeps_serving():
     with pytest.raises(urllib.error.HTTPError) as err:
         txt2img(ALL, [{"enabled": True, "patch_size": 0}])
+    assert err.value.code == 422  # the client's mistake, not a server error
     assert "'patch_size' must be in [1, 128]" in err.value.read().decode()
     images, _ = decode(post("/sdapi/v1/txt2img", {**BASE, "prompt": BASE["prompt"] + ALL}))  # not the cached one
     assert images

@@ -38,14 +38,14 @@ from loratorio.core.memory import (
 )
 from loratorio.core.modes import MODES, in_window, mode_recentre, mode_weights, switch_index
 from loratorio.core.routing import MultiAdapter, RoutingSlot, RowRouting
-from loratorio.core.settings import ARG_ORDER, Settings, settings_from_args
+from loratorio.core.settings import ARG_ORDER, Settings, SettingsError, settings_from_args
 
 __all__ = [
     "ARG_ORDER", "MODES", "Adapter", "adapters_for_model", "BatchLayout", "Bias", "Callback", "Chain", "compose",
     "Composer", "Dense", "evaluate", "FastRules", "in_window", "kohya_name", "LoHa", "LoKr", "LowRank", "Materialized",
     "merged_weight", "mode_recentre", "mode_weights", "MultiAdapter", "NormDelta", "patch_similarity",
     "patch_weights", "probe", "recentre_uncond", "Rescaled", "RoutingSlot", "RowMasks", "RowRouting", "Settings",
-    "settings_from_args", "softmin_weights", "switch_index", "to_adapter", "to_eps", "to_state_dict", "tree_map",
-    "tree_repeat", "tucker", "weighted_sum",
+    "SettingsError", "settings_from_args", "softmin_weights", "switch_index", "to_adapter", "to_eps", "to_state_dict",
+    "tree_map", "tree_repeat", "tucker", "weighted_sum",
     "activation_peak", "Chunker", "is_out_of_memory", "MemoryBudget", "VALUES_PER_PIXEL",
 ]

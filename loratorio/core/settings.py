@@ -146,6 +146,15 @@ ARG_ORDER = tuple(f.name for f in dataclasses.fields(Settings))
 LEGACY: dict[str, Any] = {"relative": False}
 
 
+class SettingsError(ValueError):
+    """A request refused for a bad LoRAtorio setting. The WebUIs' API answers with an exception's own `status_code`
+    (api.py: `vars(e).get('status_code', 500)`), so the client gets 422 and the message, not a server error."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.status_code = 422
+
+
 def settings_from_args(args: Sequence[Any]) -> Settings:
     """A script's args: the positional UI order (ARG_ORDER), or one dict of named settings (API named form)."""
     if args and isinstance(args[0], Mapping):

@@ -37,6 +37,7 @@ from loratorio.core import (
     NormDelta,
     Rescaled,
     Settings,
+    SettingsError,
     activation_peak,
     in_window,
     merged_weight,
@@ -219,7 +220,7 @@ class RefusingInnerModel(InnerModelProxy):
         object.__setattr__(self, "message", message)
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
-        raise ValueError(self.message)
+        raise SettingsError(self.message)
 
 
 def refuse(denoiser: Any, message: str) -> Callable[[], None]:

@@ -44,6 +44,7 @@ from loratorio.core import (
     NormDelta,
     Rescaled,
     Settings,
+    SettingsError,
     in_window,
     merged_weight,
     tree_map,
@@ -964,7 +965,7 @@ def refuse(p: Any, message: str) -> Callable[[], None]:
     unet = original.clone()
 
     def wrapper(apply_model, args):
-        raise ValueError(message)
+        raise SettingsError(message)
 
     unet.set_model_unet_function_wrapper(wrapper)
     objects.unet = unet
