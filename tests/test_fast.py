@@ -426,6 +426,6 @@ def test_forge_a_failure_in_the_corrected_full_steps_masked_pass_falls_back_to_t
 
 
 def test_fast_rules_refuse_unknown_values():
-    for bad in ({"correct": "all"}, {"uncond": "base"}, {"sharpen": 0.0}):
+    for bad in ({"correct": "all"}, {"uncond": "base"}, {"sharpen": 0.0}, {"auto_global": -1.0}):
         with pytest.raises(ValueError, match="correct must be"):
             FastRules(**bad)
