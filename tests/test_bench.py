@@ -133,7 +133,7 @@ def test_memory_report_on_a_stand_in_unet(monkeypatch, tmp_path, capsys):
         r = report["target"][n]
         assert r["rows"] == rows and r["chunks"] == {"1e-06": 0, "1.0": 1}  # nothing fits / everything fits
         assert r["batched_gib"] >= r["plain_gib"] > 0
-    assert "chunks @ 1.0 GB" in capsys.readouterr().out
+    assert "chunks @ 1 GB" in capsys.readouterr().out
 
 
 def test_chunks_under_a_budget():
@@ -158,3 +158,46 @@ def test_fit_recovers_a_linear_law():
                 for lat in (8, 16)}
     a, c = fit(measured)
     assert a == pytest.approx(0.01) and c == pytest.approx(50)
+
+
+def test_live_bytes_count_allocations_until_freed_and_nothing_for_views():
+    from loratorio.bench.memory import LiveBytes
+
+    mib = 2**18  # fp32 values in 1 MiB
+    x = torch.empty(mib, device="meta")  # before the mode: not counted
+    with LiveBytes() as live:
+        y = x * 2  # 1 MiB
+        z = y + 1  # 2 MiB alive
+        del y  # 1 MiB
+        w = z.view(2, -1).t()  # a view: nothing new
+        z.add_(1)  # in place: nothing new
+        v = x.view(-1)[:10]  # a view of a tensor made before the mode: nothing
+    assert live.peak == 2 * 2**20 and live.live == 2**20
+    del z, w, v
+
+
+def test_fused_attention_counts_the_output_not_the_attention_matrix():
+    from loratorio.bench.memory import FusedAttention, LiveBytes
+
+    q = torch.empty(1, 1, 4096, 8, device="meta")
+    with LiveBytes() as math_path:
+        F.scaled_dot_product_attention(q, q, q)
+    with FusedAttention(), LiveBytes() as fused:
+        out = F.scaled_dot_product_attention(q, q, value=q[..., :4])
+    assert out.shape == (1, 1, 4096, 4) and fused.peak == out.numel() * 4
+    assert math_path.peak >= 4096 * 4096 * 4  # what the fused kernel spares
+
+
+def test_memory_report_counted_on_the_meta_device(monkeypatch, tmp_path):
+    monkeypatch.setattr(speed, "load_unet_class", lambda: FakeUNet)
+    out = tmp_path / "m.json"
+    argv = ["memory", "--device", "meta", "--tiny", "--n", "1", "2", "3", "--target-latent", "16", "--json", str(out)]
+    assert bench_main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["args"]["dtype"] == "float16" and list(report["measured_mib"]) == ["16"]
+    m = {n: r["batched"] for n, r in report["measured_mib"]["16"].items()}
+    # Each LoRA adds two rows to the batched call, and the same bytes each time.
+    assert m["3"] - m["2"] == pytest.approx(m["2"] - m["1"], rel=0.01) and m["2"] > m["1"]
+    assert report["measured_mib"]["16"]["1"]["plain"] < m["1"]
+    # The router's stacked factors, built by the first call and kept: counted once, as memory held, not per call.
+    assert all(r["router_cache_mib"] > 0 for r in report["measured_mib"]["16"].values())

@@ -24,10 +24,12 @@ log = logging.getLogger(__name__)
 # "can't allocate memory").
 _OOM_MESSAGES = ("out of memory", "not enough memory", "can't allocate memory")
 
-# Peak activation memory of one UNet call, in values of the model's dtype per row and per latent pixel, measured with
-# `python -m loratorio.bench memory --calibrate` (diffusers UNet with SD1.5 / SDXL shapes, peak RSS above the call's
-# start, CPU fp32, PyTorch SDPA attention). A call's peak is about VALUES_PER_PIXEL × rows × H × W × dtype size.
-VALUES_PER_PIXEL = {"sd15": 3000.0, "sdxl": 3000.0}
+# Peak activation memory of one UNet call, in values of the model's dtype per row and per latent pixel: what
+# `python -m loratorio.bench memory --device meta` counts (diffusers' UNet with SD1.5 / SDXL shapes, fp16, attention
+# as a fused kernel), rounded up: SD1.5 at 512 px 8343, SDXL at 1024 px 5057. SD1.5 needs more per pixel because it
+# has attention (and its 4× wide feed-forward) at the full latent resolution; SDXL has none there.
+# A call's peak is about VALUES_PER_PIXEL × rows × H × W × dtype size.
+VALUES_PER_PIXEL = {"sd15": 8400.0, "sdxl": 5100.0}
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
