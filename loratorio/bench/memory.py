@@ -8,7 +8,7 @@ Three ways to measure, by --device:
   would report as allocated, less kernels' workspaces. Attention is counted as a fused kernel (flash /
   memory-efficient SDPA, xformers: the output only), as the hosts run it on a GPU. Measured at the table's size.
 - cpu: the process's peak RSS above each call's start, at small latents in fp32, extrapolated to the target latent
-  and dtype. On SDXL at small latents a constant of about 120 MiB (oneDNN's reordered copy of the largest conv
+  and dtype. On SDXL at small latents a constant of about 120 MiB (likely oneDNN's reordered copy of the largest conv
   weight, made per call) hides the activations, so the meta count is the one to read there.
 """
 
