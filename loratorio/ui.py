@@ -13,9 +13,10 @@ from loratorio.core import ARG_ORDER, Settings
 from loratorio.core.settings import LEGACY, infotext_key
 
 ADVANCED = ("reference", "evaluation", "switch_interval", "start", "end", "reuse", "full_every", "min_share",
-            "auto_global", "temperature_end", "relative")
+            "auto_global", "temperature_end", "relative", "smoothing")
 STEPS = {"patch_size": 1, "temperature": 0.005, "recentre": 0.05, "top_k": 1, "switch_interval": 1, "start": 0.05,
-         "end": 0.05, "reuse": 1, "full_every": 1, "min_share": 0.01, "auto_global": 0.05, "temperature_end": 0.005}
+         "end": 0.05, "reuse": 1, "full_every": 1, "min_share": 0.01, "auto_global": 0.05, "temperature_end": 0.005,
+         "smoothing": 0.05}
 SLIDER_MAX = {"patch_size": 32, "temperature": 1.0, "top_k": 8, "switch_interval": 50, "reuse": 20, "full_every": 20,
               "min_share": 0.5, "auto_global": 2.0, "temperature_end": 1.0}
 

@@ -259,6 +259,33 @@ def test_fast_mode_makes_evenly_divergent_loras_global_where_the_user_left_auto_
     assert composed(speed="fast", auto_global=0.01) == ((0, 1), ())  # the user's own threshold wins
 
 
+def test_smoothing_blends_each_map_with_the_last_steps_chunk_by_chunk():
+    """smoothing β: Ω_t = β·Ω_{t−1} + (1 − β)·Ω_t, the k-th fuse of a step with the k-th of the step before (hosts
+    fuse chunks of rows separately, so chunks never mix); still a partition of 1; a new pass starts without a past."""
+    g = torch.Generator().manual_seed(3)
+    preds = [torch.randn(4, 1, 4, 8, 8, generator=g) for _ in range(4)]  # base + 3 LoRAs, one cond row
+    calls = [(0, preds[0]), (0, preds[1]), (1, preds[2]), (1, preds[3]), (0, preds[2])]
+
+    def maps(**kw):
+        composer, out = Composer(_Router(), Settings(enabled=True, patch_size=2, **kw)), []
+        for step, p in calls:
+            composer.fuse(p, BatchLayout((0,)), step)
+            out.append(composer.last_weights.clone())
+        return out
+
+    fresh, smooth = maps(), maps(smoothing=0.75)
+    assert not torch.allclose(fresh[0], fresh[2]) and not torch.allclose(fresh[0], fresh[1])
+    torch.testing.assert_close(smooth[:2], fresh[:2])  # the first step has no past
+    torch.testing.assert_close(smooth[2], 0.75 * fresh[0] + 0.25 * fresh[2])  # chunk 1 with chunk 1
+    torch.testing.assert_close(smooth[3], 0.75 * fresh[1] + 0.25 * fresh[3])  # chunk 2 with chunk 2
+    torch.testing.assert_close(smooth[3].sum(0), torch.ones_like(smooth[3][0]))
+    torch.testing.assert_close(smooth[4], fresh[4])  # back to step 0: a new pass
+    assert all(torch.equal(a, b) for a, b in zip(maps(smoothing=0.0), fresh, strict=True))
+    # Speed fast renews the map only every few steps: it keeps them fresh (full every 1 is full speed: smoothed).
+    assert all(torch.equal(a, b) for a, b in zip(maps(smoothing=0.75, speed="fast"), fresh, strict=True))
+    torch.testing.assert_close(maps(smoothing=0.75, speed="fast", full_every=1), smooth)
+
+
 def test_temperature_schedule_runs_geometrically_over_the_steps():
     composer = Composer(_Router(), Settings(enabled=True, temperature=0.2, temperature_end=0.02))
     assert composer.temperature(3) == 0.2  # no step count known: constant

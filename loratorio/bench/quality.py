@@ -49,7 +49,7 @@ LABELS = {"base": "Base (no LoRA)", "merge": "Merge", "switch": "Switch", "compo
           "loratorio_paper": "LoRAtorio, paper settings"}
 # The paper's method as the project shipped it before issue 13: every option added since switched off.
 PAPER = {"temperature": 0.05, "recentre": 0.5, "min_share": 0.0, "auto_global": 0.0, "relative": False,
-         "temperature_end": 0.0, "global_loras": ""}
+         "temperature_end": 0.0, "global_loras": "", "smoothing": 0.0}
 CHOICES = ["real", "loratorio_paper", *METHODS]
 
 

@@ -103,6 +103,10 @@ class Composer:
         self.fast_rules = fast_rules
         self.last_weights: Tensor | None = None
         self._weights_step: int | None = None  # the step last_weights were computed at
+        # Settings.smoothing: the maps of the last step with fresh ones, and of this step so far, in call order.
+        self._smooth_step: int | None = None
+        self._smooth_prev: list[Tensor] = []
+        self._smooth_now: list[Tensor] = []
         self._full_step: int | None = None  # the step of the last full (base + every LoRA) evaluation
         # The LoRAs that compete per patch; `auto_global` moves the others to every row after the first step.
         self.composed: tuple[int, ...] = tuple(range(router.n_adapters))
@@ -283,9 +287,31 @@ class Composer:
                 eps_ref = to_eps(x[ref_rows], eps_ref, sigma[ref_rows])
         weights = mode_weights(s.mode, eps_loras, eps_ref, patch_size=s.patch_size, temperature=self.temperature(step),
                                top_k=s.top_k or None, step=step, min_share=s.min_share, relative=s.relative)
+        weights = self._smoothed(weights, step)
         self.last_weights, self._weights_step = weights, step
         if self.auto_global > 0 and s.mode == "loratorio" and not self._globals_chosen and eps_ref is not None:
             self._choose_globals(eps_loras, eps_ref)
+        return weights
+
+    def _smoothed(self, weights: Tensor, step: int) -> Tensor:
+        """Ω_t ← β·Ω_prev + (1 − β)·Ω_t (β = `smoothing`; Ω_prev: the last step's map, smoothed), a convex blend of two
+        maps that each sum to 1 over the LoRAs, so Ω still does. A host may fuse several chunks of rows per step: the
+        k-th map of a step blends with the k-th of the step before, and only where the shapes agree."""
+        s = self.settings
+        beta = s.smoothing
+        # Speed fast renews Ω only every `full_every` steps: there the past is that many steps old, and keeping it
+        # lost on the miniature's tuning half (README), so fast mode uses fresh maps.
+        if beta <= 0 or s.mode != "loratorio" or (s.speed == "fast" and s.full_every > 1):
+            return weights
+        if step != self._smooth_step:
+            # A new pass (step back to the start) has no past to keep.
+            self._smooth_prev = self._smooth_now if self._smooth_step is not None and step > self._smooth_step else []
+            self._smooth_now, self._smooth_step = [], step
+        k = len(self._smooth_now)
+        prev = self._smooth_prev[k] if k < len(self._smooth_prev) else None
+        if prev is not None and prev.shape == weights.shape:
+            weights = prev.to(weights.dtype) * beta + weights * (1 - beta)
+        self._smooth_now.append(weights)
         return weights
 
     def temperature(self, step: int) -> float:
