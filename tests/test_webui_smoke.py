@@ -130,6 +130,19 @@ def test_enabled_differs_from_plain_and_writes_infotext():
     assert mean_diff(plain[0], composed[0]) > 0.5
 
 
+def test_smoothing_changes_the_composition_and_writes_infotext():
+    plain, _ = txt2img(ALL)
+    assert_contrast(plain[0])
+    fresh, _ = txt2img(ALL, [{"enabled": True, "patch_size": 4}])
+    again, _ = txt2img(ALL, [{"enabled": True, "patch_size": 4}])
+    smooth, info = txt2img(ALL, [{"enabled": True, "patch_size": 4, "smoothing": 0.8}])
+    assert_composed(info)
+    assert info["extra_generation_params"]["LoRAtorio smoothing"] == "0.8"
+    # At this size the random LoRAs' maps barely change over the steps, so the effect is small; composition is
+    # deterministic here, so any difference is the smoothing's.
+    assert np.array_equal(fresh[0], again[0]) and mean_diff(fresh[0], smooth[0]) > 0
+
+
 def test_single_lora_is_plain_lora():
     plain, _ = txt2img(f" <lora:{LORAS[0]}:1>")
     assert_contrast(plain[0])

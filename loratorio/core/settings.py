@@ -85,8 +85,8 @@ class Settings:
     relative: bool = field(default=True, metadata=_spec(
         "relative", help="Compare each LoRA's divergence with its own average over the image, so that a small "
         "skill wins where it stands out instead of losing every patch to a large one."))
-    # Off by default until measured on the test half: on the tuning half 0.8 gained in the strong regime and was
-    # neutral in the weak one (README, Which options were kept).
+    # Off by default: 0.8 gained with the shipped strong LoRAs (tuning and test half) and was neutral-to-negative with
+    # weak ones and with reliable character LoRAs (README, Which options were kept).
     smoothing: float = field(default=0.0, metadata=_spec(
         "smoothing", lo=0.0, hi=0.99, help="Blend each step's weight map with the previous step's, this much of the "
         "past: a patch keeps its LoRA from step to step instead of flipping between them (0 = off; not used by "
