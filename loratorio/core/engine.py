@@ -180,13 +180,17 @@ class Composer:
                 and step >= self.fast_rules.warmup and 0 < step - last < s.full_every and w.shape[1] == n_cond)
 
     @property
+    def has_fast_steps(self) -> bool:
+        """Whether speed fast runs masked passes between full steps: LoRAtorio mode, and a full step less often than
+        every step (`full_every` 1 is full speed, exactly)."""
+        s = self.settings
+        return s.speed == "fast" and s.mode == "loratorio" and s.full_every > 1
+
+    @property
     def corrects(self) -> bool:
         """Whether full steps keep the residual of the masked pass (speed fast, FastRules.correct "cond"; the
-        reference must be the prompt rows, which are all the full step evaluates per LoRA). A full step at every
-        step has no fast step to correct: it is full speed, exactly."""
-        s = self.settings
-        return (s.speed == "fast" and s.mode == "loratorio" and self.fast_rules.correct == "cond"
-                and s.reference == "cond" and s.full_every > 1)
+        reference must be the prompt rows, which are all the full step evaluates per LoRA)."""
+        return self.has_fast_steps and self.fast_rules.correct == "cond" and self.settings.reference == "cond"
 
     def keep_residual(self, fused: Tensor, masked: Tensor, key: int = 0, x: Tensor | None = None,
                       sigma: Tensor | None = None) -> None:
@@ -297,11 +301,10 @@ class Composer:
         """Ω_t ← β·Ω_prev + (1 − β)·Ω_t (β = `smoothing`; Ω_prev: the last step's map, smoothed), a convex blend of two
         maps that each sum to 1 over the LoRAs, so Ω still does. A host may fuse several chunks of rows per step: the
         k-th map of a step blends with the k-th of the step before, and only where the shapes agree."""
-        s = self.settings
-        beta = s.smoothing
+        beta = self.settings.smoothing
         # Speed fast renews Ω only every `full_every` steps: there the past is that many steps old, and keeping it
         # lost on the miniature's tuning half (README), so fast mode uses fresh maps.
-        if beta <= 0 or s.mode != "loratorio" or (s.speed == "fast" and s.full_every > 1):
+        if beta <= 0 or self.settings.mode != "loratorio" or self.has_fast_steps:
             return weights
         if step != self._smooth_step:
             # A new pass (step back to the start) has no past to keep.
@@ -310,7 +313,7 @@ class Composer:
         k = len(self._smooth_now)
         prev = self._smooth_prev[k] if k < len(self._smooth_prev) else None
         if prev is not None and prev.shape == weights.shape:
-            weights = prev.to(weights.dtype) * beta + weights * (1 - beta)
+            weights = prev * beta + weights * (1 - beta)
         self._smooth_now.append(weights)
         return weights
 
@@ -338,10 +341,8 @@ class Composer:
     @property
     def auto_global(self) -> float:
         """The divergence-spread threshold below which a LoRA becomes global: the user's, else fast mode's own."""
-        s = self.settings
-        if s.auto_global == 0 and s.speed == "fast" and s.mode == "loratorio" and s.full_every > 1:
-            return self.fast_rules.auto_global
-        return s.auto_global
+        user = self.settings.auto_global
+        return self.fast_rules.auto_global if user == 0 and self.has_fast_steps else user
 
     @property
     def display_weights(self) -> Tensor | None:
