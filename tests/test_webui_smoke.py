@@ -207,6 +207,30 @@ def test_multistep_sampler_dpmpp_2m():
     assert mean_diff(plain[0], composed[0]) > 0.5
 
 
+@functools.lru_cache(maxsize=1)
+def sampler_names():
+    with urllib.request.urlopen(URL + "/sdapi/v1/samplers", timeout=60) as resp:
+        return {s["name"] for s in json.loads(resp.read())}
+
+
+# Samplers that call the model more than once per step (Heun, DPM2 a, the SDE ones), step back up the noise
+# schedule (Restart), carry model outputs across steps (UniPC, a timestep sampler on A1111) or denoise to x0 at every
+# step (LCM): LoRAtorio counts the host's model calls as its steps, and speed fast picks its full steps by that count.
+@pytest.mark.parametrize("speed", ["full", "fast"])
+@pytest.mark.parametrize("sampler", ["Heun", "DPM2 a", "DPM++ SDE", "DPM++ 2M SDE", "Restart", "UniPC", "LCM"])
+def test_every_kind_of_sampler_composes(sampler, speed):
+    if sampler not in sampler_names():
+        pytest.skip(f"no sampler {sampler!r} on this host")
+    plain, _ = txt2img(ALL, sampler_name=sampler)
+    assert_contrast(plain[0])
+    composed, info = txt2img(ALL, [{"enabled": True, "patch_size": 4, "speed": speed, "full_every": 2}],
+                             sampler_name=sampler)
+    assert_composed(info)
+    assert info["extra_generation_params"]["LoRAtorio speed"] == speed
+    assert np.isfinite(composed[0]).all() and composed[0].std() > 5
+    assert mean_diff(plain[0], composed[0]) > 0.5
+
+
 def test_img2img():
     from PIL import Image
 
