@@ -201,3 +201,7 @@ def test_memory_report_counted_on_the_meta_device(monkeypatch, tmp_path):
     assert report["measured_mib"]["16"]["1"]["plain"] < m["1"]
     # The router's stacked factors, built by the first call and kept: counted once, as memory held, not per call.
     assert all(r["router_cache_mib"] > 0 for r in report["measured_mib"]["16"].values())
+    # Speed fast's copy: every LoRA's factors once (equal ranks: N times one LoRA's), at least the routed copy.
+    per_n = report["measured_mib"]["16"]
+    assert per_n["3"]["mask_cache_mib"] == pytest.approx(3 * per_n["1"]["mask_cache_mib"], rel=1e-6)
+    assert all(r["mask_cache_mib"] >= r["router_cache_mib"] > 0 for r in per_n.values())

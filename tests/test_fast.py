@@ -153,6 +153,35 @@ def test_constant_masks_equal_the_merged_model_scaled_per_lora():
     assert (got[0] - unet(x, sigma, ctx)[0]).abs().mean() > 1e-2
 
 
+@torch.no_grad()
+def test_the_router_keeps_one_copy_of_the_factors_when_routed_and_masked_calls_alternate():
+    """Speed fast alternates routed full steps and masked passes; each kind stacks its own copy of the factors, and
+    holding both doubled the LoRAs' memory. Only the current kind is kept; a rebuilt stack gives the same output."""
+    unet = make_unet()
+    router = MultiAdapter(unet, [make_lora(unet, seed=1), make_lora(unet, seed=2)])
+    inputs = data()
+    masks = torch.full((2, 2, 1, 8, 8), 0.5)
+    with router:
+        first = routed_rows(router, unet, inputs, [0, 1])
+        held_routed = router.cached_bytes
+        with router.masked(masks):
+            masked = unet(*inputs)
+        held_masked = router.cached_bytes
+        assert held_routed > 0 and held_masked > 0 and not router._stacks
+        again = routed_rows(router, unet, inputs, [0, 1])
+        assert router.cached_bytes == held_routed and not router._mask_stacks
+        with router.masked(masks):
+            masked_again = unet(*inputs)
+        assert router.cached_bytes == held_masked
+    assert torch.equal(first, again) and torch.equal(masked, masked_again)
+    assert router.cached_bytes == 0  # removal drops both
+
+
+def routed_rows(router, model, inputs, labels):
+    with router.routed(labels):
+        return model(*inputs)
+
+
 class AttentionModel(nn.Module):
     def __init__(self, positional: bool) -> None:
         super().__init__()

@@ -45,6 +45,7 @@ from loratorio.bench.speed import (
     target_names,
 )
 from loratorio.core import VALUES_PER_PIXEL, Chunker, MemoryBudget, MultiAdapter, activation_peak, evaluate
+from loratorio.core.masked import MaskStack
 
 METHODS = ("plain", "batched", "chunked", "sequential")
 GIB = 2**30
@@ -175,9 +176,17 @@ def measure(unet: torch.nn.Module, names: list[str], config: dict, latent: int, 
         cache = max(kept.values(), default=0.0)
         kept.clear()
         out[str(n)] = {**peaks, "rows": 2 * groups, "call_rows": call_rows, "factors_mib": factors / 2**20,
-                       "router_cache_mib": cache}
+                       "router_cache_mib": cache, "mask_cache_mib": mask_stack_bytes(router) / 2**20}
         print(f"latent {latent} N={n}: " + ", ".join(f"{k} {v:.0f} MiB" for k, v in peaks.items()), flush=True)
     return out
+
+
+def mask_stack_bytes(router: MultiAdapter) -> int:
+    """Bytes of the factors' copy that speed fast's masked passes stack (every low-rank LoRA of a layer as one
+    rank-Σr LoRA). The router holds it instead of the routed copy, not beside it (tests/test_fast.py); counted by
+    building it, because a masked pass reads its masks' values, which the meta device does not have."""
+    stacks = [MaskStack.build(module, table, router.n_adapters) for module, table in router.targets.items()]
+    return sum(t.numel() * t.element_size() for s in stacks for t in (s.down, s.up) if t is not None)
 
 
 def fit(measured: dict[str, dict[str, Any]]) -> tuple[float, float]:
@@ -263,6 +272,10 @@ def format_table(report: dict[str, Any]) -> str:
     for latent, per_n in report["measured_mib"].items():
         for n, r in per_n.items():
             lines.append(f"{latent} | {n} | {r['rows']} | " + " | ".join(f"{r[m]:.0f}" for m in METHODS))
+    lines += ["", "N | LoRA factors | the router's copy: routed calls | speed fast's masked passes (MiB; one of the "
+              "two is held at a time)", "---|---|---|---|"]
+    for n, r in report["measured_mib"][str(args["latent"][-1])].items():
+        lines.append(f"{n} | {r['factors_mib']:.0f} | {r['router_cache_mib']:.0f} | {r['mask_cache_mib']:.0f}")
     side = args["target_latent"] * 8
     budgets = args["budgets"]
     lines += ["", f"{report['model']} {side}×{side}, {args['target_dtype']}: peak GiB (UNet weights "
