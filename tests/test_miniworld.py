@@ -1,5 +1,6 @@
 """The CPU miniature: generator and judge determinism, the bundled files' format, a composition regression guard."""
 
+import dataclasses
 import random
 import struct
 import zlib
@@ -80,6 +81,22 @@ def test_strong_world_scenes():
         assert (render_scene(Scene((kind, 0)), 9) - generic).abs().sum() > 5.0, kind
     with pytest.raises(ValueError):
         Scene((1, 2, 1))
+
+
+def test_character_loras_train_on_their_character_twice_or_beside_a_generic_figure():
+    from loratorio.miniworld.train import STRONG, _training_scenes
+
+    twice = _training_scenes(STRONG, "knight", 400, random.Random(0))
+    shared = _training_scenes(dataclasses.replace(STRONG, shared_scenes=True), "knight", 400, random.Random(0))
+    assert {s.figures for s in twice} == {(1,), (1, 1)}
+    assert {s.figures for s in shared} == {(1,), (1, 0), (0, 1)}
+    # the option changes what a two-figure scene shows, not how many there are (two_figures = 0.4)
+    assert all(0.3 < sum(len(s.figures) == 2 for s in scenes) / 400 < 0.5 for scenes in (twice, shared))
+    # other skills and the base model are unchanged: two generic figures
+    for skill in ("hat", None):
+        config = dataclasses.replace(STRONG, shared_scenes=True)
+        assert _training_scenes(config, skill, 50, random.Random(1)) == _training_scenes(STRONG, skill, 50,
+                                                                                          random.Random(1))
 
 
 def test_the_tuning_and_test_halves_are_fixed_and_disjoint():

@@ -71,6 +71,9 @@ class TrainConfig:
     caption_dropout: float = 0.1
     regime: str = "weak"
     two_figures: float = 0.0
+    # Character LoRAs' two-figure scenes: the character twice (False), or beside a generic figure on either side
+    # (True: trained on images shared with other people; its LoRAs alone draw one figure of their own).
+    shared_scenes: bool = False
     lora_lr: float = 2e-3
     lora_dtype: str = "float32"
     lora_batch: int = 48
@@ -110,12 +113,19 @@ def _scene_pool(scenes: list[Scene], seed0: int, rng: random.Random) -> tuple[Te
 def _training_scenes(cfg: TrainConfig, skill: str | None, count: int, rng: random.Random) -> list[Scene]:
     """A skill's scenes (everything else generic); `two_figures` of them have two figures, both showing the skill.
 
-    A character LoRA thus learns to turn every figure into its character, as real character LoRAs do.
+    A character LoRA thus learns to turn every figure into its character, as real character LoRAs do. With
+    `shared_scenes` a character's two-figure scenes show it beside a generic figure instead.
     """
     one = Scene.from_skills([skill] if skill else [])
     out = []
     for _ in range(count):
-        figures = one.figures * 2 if rng.random() < cfg.two_figures else one.figures
+        figures = one.figures
+        if rng.random() < cfg.two_figures:
+            kind = one.figures[0]
+            if cfg.shared_scenes and kind:
+                figures = (kind, 0) if rng.random() < 0.5 else (0, kind)
+            else:
+                figures = one.figures * 2
         out.append(Scene(figures, one.clothing, one.style, one.background))
     return out
 
