@@ -72,7 +72,7 @@ class TrainConfig:
     regime: str = "weak"
     two_figures: float = 0.0
     # Character LoRAs' two-figure scenes: the character twice (False), or beside a generic figure on either side
-    # (True: trained on images shared with other people; its LoRAs alone draw one figure of their own).
+    # (True), as users' character LoRAs learn from pictures shared with other people.
     shared_scenes: bool = False
     lora_lr: float = 2e-3
     lora_dtype: str = "float32"
