@@ -103,8 +103,8 @@ class Composer:
         self.fast_rules = fast_rules
         self.last_weights: Tensor | None = None
         self._weights_step: int | None = None  # the step last_weights were computed at
-        # Settings.smoothing: the maps of the last step with fresh ones, and of this step so far, in call order.
-        self._smooth_step: int | None = None
+        # Settings.smoothing: the maps of the last step with fresh ones, and of this step so far, in call order (the
+        # step they belong to is _weights_step, which _weights sets after smoothing each fresh map).
         self._smooth_prev: list[Tensor] = []
         self._smooth_now: list[Tensor] = []
         self._full_step: int | None = None  # the step of the last full (base + every LoRA) evaluation
@@ -306,10 +306,11 @@ class Composer:
         # lost on the miniature's tuning half (README), so fast mode uses fresh maps.
         if beta <= 0 or self.settings.mode != "loratorio" or self.has_fast_steps:
             return weights
-        if step != self._smooth_step:
+        last = self._weights_step
+        if step != last:
             # A new pass (step back to the start) has no past to keep.
-            self._smooth_prev = self._smooth_now if self._smooth_step is not None and step > self._smooth_step else []
-            self._smooth_now, self._smooth_step = [], step
+            self._smooth_prev = self._smooth_now if last is not None and step > last else []
+            self._smooth_now = []
         k = len(self._smooth_now)
         prev = self._smooth_prev[k] if k < len(self._smooth_prev) else None
         if prev is not None and prev.shape == weights.shape:
