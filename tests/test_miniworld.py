@@ -181,20 +181,21 @@ def test_loratorio_composes_better_than_composite_switch_and_base(mini):
 
 def test_with_strong_loras_two_characters_compose_where_merging_makes_a_hybrid():
     """Regression guard on the strong regime's two-character sets, the case LoRAtorio exists for: merged, the two
-    character LoRAs give one hybrid figure (which the judge counts as neither); LoRAtorio keeps them apart. In the
-    full benchmark (test half) LoRAtorio leads Merge by about 0.19 on these sets; here 9 fixed images, margin 0.15."""
+    character LoRAs give hybrid figures (which the judge counts as neither); LoRAtorio keeps them apart more often. In
+    the full benchmark LoRAtorio leads Merge by about 0.12 on these sets (both halves, standard error 0.07-0.10);
+    here 24 fixed images (3 sets, 8 seeds each: 9 images swung by 0.15), where it leads by 0.24; margin 0.1."""
     strong = load(WEIGHTS, "strong")
     sets = two_character_sets(2) + two_character_sets(3)[:2]
     totals = {}
     for method in ("merge", "loratorio"):
         scores = []
         for j, skills in enumerate(sets):
-            seeds = [900 + 10 * j + k for k in range(3)]
+            seeds = [900 + 10 * j + k for k in range(8)]
             images, _ = sample(strong, skills, method, seeds, SampleConfig())
             with torch.no_grad():
-                scores.append(composition_score(strong.judge(images), [strong.request(skills)] * 3))
+                scores.append(composition_score(strong.judge(images), [strong.request(skills)] * len(seeds)))
         totals[method] = float(torch.cat(scores).mean())
-    assert totals["loratorio"] >= totals["merge"] + 0.15, totals
+    assert totals["loratorio"] >= totals["merge"] + 0.1, totals
 
 
 def test_bench_variants_keep_the_runs_fast_rules():
@@ -208,3 +209,26 @@ def test_bench_variants_keep_the_runs_fast_rules():
     cfg = method_variant("loratorio_fast@8").config(base, ("a", "b"))
     assert cfg.fast_rules == FastRules(text="blend")
     assert cfg.settings.full_every == 8 and (cfg.steps, cfg.cfg) == (base.steps, base.cfg)
+
+
+def test_single_lora_report_samples_the_images_asked_for(mini, monkeypatch):
+    """`--single-images` sets how many images each LoRA alone gets (the README's 16-image reliability counts)."""
+    from loratorio.bench import quality
+    from loratorio.miniworld.world import SKILL_TOKENS
+
+    drawn = []
+
+    def counting(mini, skills, method, seeds, config, *args, **kwargs):
+        drawn.append((tuple(skills), len(seeds)))
+        return sample(mini, skills, method, seeds, config, *args, **kwargs)
+
+    monkeypatch.setattr(quality, "sample", counting)
+    report = quality.single_lora_report(mini, 5, 0, SampleConfig(steps=4))
+    assert drawn == [((skill,), 5) for skill in SKILL_TOKENS]
+    for skill, row in report.items():
+        assert row["score"] * 5 == pytest.approx(round(row["score"] * 5), abs=1e-5), (skill, row)
+        assert row["delta_rel"] > 0, skill
+    main = quality.main
+    with pytest.raises(SystemExit) as err:
+        main(["--single-images", "0"])
+    assert err.value.code == 2

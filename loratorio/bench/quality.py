@@ -388,12 +388,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="strength sweep: every LoRA at each multiplier (1 is the main table's)")
     parser.add_argument("--sweep-methods", nargs="*", choices=CHOICES[1:],
                         default=["merge", "switch", "composite", "loratorio_paper", "loratorio"])
+    parser.add_argument("--single-images", type=int, default=None,
+                        help="images per LoRA alone in the single-LoRA report (default: --per-set)")
     parser.add_argument("--json", type=Path, default=Path("out/quality.json"))
     parser.add_argument("--from-json", type=Path, nargs="+", default=[],
                         help="sample nothing: print and plot the regimes of earlier --json reports together")
     parser.add_argument("--plot", type=Path, default=Path("out/strength.png"))
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 avoids spin-waits when shared)")
     args = parser.parse_args(argv)
+    if args.single_images is not None and args.single_images < 1:
+        parser.error("--single-images must be at least 1")
     args.methods = expand_fast(args.methods, args.full_every)
     args.sweep_methods = expand_fast(args.sweep_methods, args.full_every)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -440,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
             sweep = {label(m): {str(k): summary(records[(m, k)], args.ns, kinds) for k in args.multipliers}
                      for m in args.sweep_methods}
             out["sweep"][subset] = sweep
-        out["single_lora"] = single_lora_report(mini, args.per_set, args.seed, config)
+        out["single_lora"] = single_lora_report(mini, args.single_images or args.per_set, args.seed, config)
         report["regimes"][regime] = out
     report["seconds"] = time.perf_counter() - t0
     for regime, out in report["regimes"].items():
