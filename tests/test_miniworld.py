@@ -232,3 +232,15 @@ def test_single_lora_report_samples_the_images_asked_for(mini, monkeypatch):
     with pytest.raises(SystemExit) as err:
         main(["--single-images", "0"])
     assert err.value.code == 2
+
+
+def test_tune_grid_compares_the_shipped_defaults_with_the_paper_settings():
+    """`bench tune`'s baseline is the shipped defaults; the paper's settings are their own row (the grid once called
+    the defaults "paper defaults" after `relative` became one, and measured the same thing twice)."""
+    from loratorio.bench.tune import variants
+
+    grid, base, skills = variants(), SampleConfig(), ("knight", "hat")
+    shipped = grid["LoRAtorio (shipped defaults)"].config(base, skills).settings
+    paper = grid["paper settings (absolute similarity)"].config(base, skills).settings
+    assert shipped == base.settings and shipped.relative
+    assert not paper.relative and paper.temperature == 0.05 and paper != shipped
