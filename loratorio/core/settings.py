@@ -62,9 +62,10 @@ class Settings:
         "speed", choices=SPEEDS, help="full: base and every LoRA evaluated at every step; fast: only every 'full "
         "every' steps, and in between one pass at about plain LoRA's cost, each LoRA applied where the weight map "
         "gives it."))
-    # 8: on the miniature's tuning half the residual scored best at 8 (weak: +0.033 against −0.024 at 4, −0.008 at
-    # 12), and at N = 3 it is the interval that costs under 1.5× plain LoRA (1.37×; 4: 1.56×).
-    full_every: int = field(default=8, metadata=_spec(
+    # 6: on the miniature's tuning half (fast − full, weak / strong): 4 +0.007 / −0.043, 5 – / −0.025, 6 +0.029 /
+    # −0.020, 7 +0.042 / −0.031, 8 +0.070 / −0.053; 6 is the one within 0.02 of full LoRAtorio in both regimes, and at
+    # N = 3 it costs under 1.5× plain LoRA (README, Performance). 8 until the strong regime's LoRAs were retrained.
+    full_every: int = field(default=6, metadata=_spec(
         "full every", lo=1, hi=100, help="Fast speed: evaluate base and every LoRA (and renew the weight map) every "
         "this many steps; 1 = always, as full speed."))
     # Then, in this order: the composition options measured on the miniature's two regimes.
