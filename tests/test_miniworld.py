@@ -181,9 +181,10 @@ def test_loratorio_composes_better_than_composite_switch_and_base(mini):
 
 def test_with_strong_loras_two_characters_compose_where_merging_makes_a_hybrid():
     """Regression guard on the strong regime's two-character sets, the case LoRAtorio exists for: merged, the two
-    character LoRAs give hybrid figures (which the judge counts as neither); LoRAtorio keeps them apart more often. In
-    the full benchmark LoRAtorio leads Merge by about 0.12 on these sets (both halves, standard error 0.07-0.10);
-    here 24 fixed images (3 sets, 8 seeds each: 9 images swung by 0.15), where it leads by 0.24; margin 0.1."""
+    character LoRAs fry or blend both figures (which the judge counts as neither); LoRAtorio keeps them apart more
+    often. In the full benchmark LoRAtorio leads Merge by about 0.12 on these sets (both halves, standard error
+    0.07-0.10); here 24 fixed images (3 sets, 8 seeds each: 9 images swung by 0.15), where it leads by 0.24; margin
+    0.1."""
     strong = load(WEIGHTS, "strong")
     sets = two_character_sets(2) + two_character_sets(3)[:2]
     totals = {}
@@ -228,9 +229,8 @@ def test_single_lora_report_samples_the_images_asked_for(mini, monkeypatch):
     for skill, row in report.items():
         assert row["score"] * 5 == pytest.approx(round(row["score"] * 5), abs=1e-5), (skill, row)
         assert row["delta_rel"] > 0, skill
-    main = quality.main
     with pytest.raises(SystemExit) as err:
-        main(["--single-images", "0"])
+        quality.main(["--single-images", "0"])
     assert err.value.code == 2
 
 
