@@ -28,6 +28,8 @@ import urllib.request
 import numpy as np
 import pytest
 
+from loratorio.core import Settings
+
 URL = os.environ.get("LORATORIO_WEBUI_URL", "")
 LORAS = os.environ.get("LORATORIO_LORAS", "lora_a,lora_b").split(",")
 TE_LORA = os.environ.get("LORATORIO_TE_LORA", "")
@@ -288,6 +290,11 @@ def test_fast_speed_composes_without_warning_and_writes_infotext():
     assert fast[0].std() > 1.0 and np.isfinite(fast[0]).all()  # a real image, not flat
     assert mean_diff(fast[0], full[0]) > 0.0  # steps 1 and 3 were one masked pass, not base + every LoRA
     assert mean_diff(fast[0], plain[0]) > 0.5  # and not the host's merge
+    # Without `full_every` the request gets the core's default interval, and the infotext records it.
+    default, info = txt2img(ALL, [{"enabled": True, "patch_size": 4, "speed": "fast"}])
+    params = info["extra_generation_params"]
+    assert "LoRAtorio warning" not in params, params.get("LoRAtorio warning")
+    assert params["LoRAtorio full every"] == str(Settings().full_every) and np.isfinite(default[0]).all()
 
 
 def test_fast_speed_with_a_full_step_every_step_is_full_speed():
