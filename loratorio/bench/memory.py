@@ -46,6 +46,7 @@ from loratorio.bench.speed import (
 )
 from loratorio.core import VALUES_PER_PIXEL, Chunker, MemoryBudget, MultiAdapter, activation_peak, evaluate
 from loratorio.core.masked import MaskStack
+from loratorio.core.routing import stacked_bytes
 
 METHODS = ("plain", "batched", "chunked", "sequential")
 GIB = 2**30
@@ -185,8 +186,7 @@ def mask_stack_bytes(router: MultiAdapter) -> int:
     """Bytes of the factors' copy that speed fast's masked passes stack (every low-rank LoRA of a layer as one
     rank-Σr LoRA). The router holds it instead of the routed copy, not beside it (tests/test_fast.py); counted by
     building it, because a masked pass reads its masks' values, which the meta device does not have."""
-    stacks = [MaskStack.build(module, table, router.n_adapters) for module, table in router.targets.items()]
-    return sum(t.numel() * t.element_size() for s in stacks for t in (s.down, s.up) if t is not None)
+    return stacked_bytes(MaskStack.build(module, table, router.n_adapters) for module, table in router.targets.items())
 
 
 def fit(measured: dict[str, dict[str, Any]]) -> tuple[float, float]:

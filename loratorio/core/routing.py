@@ -9,7 +9,7 @@ host's modules, their `forward` and their weights are never replaced. The same h
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -154,9 +154,7 @@ class MultiAdapter:
     @property
     def cached_bytes(self) -> int:
         """Bytes of the factor copies the router holds now (its stacks for routed and for masked calls)."""
-        stacks = [t for s in self._stacks.values() if s is not None for t in (s.down, s.up)]
-        stacks += [t for s in self._mask_stacks.values() for t in (s.down, s.up) if t is not None]
-        return sum(t.numel() * t.element_size() for t in stacks)
+        return stacked_bytes([*self._stacks.values(), *self._mask_stacks.values()])
 
     def install(self) -> MultiAdapter:
         """Register the hooks; installing twice is an error rather than a silent double delta."""
@@ -324,6 +322,12 @@ class MultiAdapter:
 
 
 _MISSING = object()
+
+
+def stacked_bytes(stacks: Iterable[_Stack | MaskStack | None]) -> int:
+    """Bytes of stacked factor copies: each stack's `down` and `up` (a layer without a stack, or a factor a stack
+    lacks, counts 0)."""
+    return sum(t.numel() * t.element_size() for s in stacks if s is not None for t in (s.down, s.up) if t is not None)
 
 
 class _Stack:
