@@ -184,11 +184,12 @@ def test_with_strong_loras_two_characters_compose_where_merging_makes_a_hybrid()
     character LoRAs fry or blend both figures (which the judge counts as neither); LoRAtorio keeps them apart more
     often. In the full benchmark LoRAtorio leads Merge by about 0.12 on these sets (both halves, standard error
     0.07-0.10); here 24 fixed images (3 sets, 8 seeds each: 9 images swung by 0.15), where it leads by 0.24; margin
-    0.1."""
+    0.1. Speed fast (its default interval) must keep a lead too: here 0.49 against Merge's 0.37 (margin 0.05; in the
+    benchmark's test half, 12 seeds per set, it is 0.03 ± 0.04 below full LoRAtorio on these sets)."""
     strong = load(WEIGHTS, "strong")
     sets = two_character_sets(2) + two_character_sets(3)[:2]
     totals = {}
-    for method in ("merge", "loratorio"):
+    for method in ("merge", "loratorio", "loratorio_fast"):
         scores = []
         for j, skills in enumerate(sets):
             seeds = [900 + 10 * j + k for k in range(8)]
@@ -197,6 +198,7 @@ def test_with_strong_loras_two_characters_compose_where_merging_makes_a_hybrid()
                 scores.append(composition_score(strong.judge(images), [strong.request(skills)] * len(seeds)))
         totals[method] = float(torch.cat(scores).mean())
     assert totals["loratorio"] >= totals["merge"] + 0.1, totals
+    assert totals["loratorio_fast"] >= totals["merge"] + 0.05, totals
 
 
 def test_bench_variants_keep_the_runs_fast_rules():
