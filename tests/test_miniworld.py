@@ -1,9 +1,11 @@
 """The CPU miniature: generator and judge determinism, the bundled files' format, a composition regression guard."""
 
 import dataclasses
+import json
 import random
 import struct
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -246,3 +248,30 @@ def test_tune_grid_compares_the_shipped_defaults_with_the_paper_settings():
     paper = grid["paper settings (absolute similarity)"].config(base, skills).settings
     assert shipped == base.settings and shipped.relative
     assert not paper.relative and paper.temperature == 0.05 and paper != shipped
+
+
+def test_merged_reports_print_each_regime_with_the_options_of_its_own_run(tmp_path, capsys):
+    """`bench quality --from-json` prints and stores each regime with the half, N and multipliers of the run that
+    sampled it (it once printed this command's defaults, and crashed on a report made without a strength sweep)."""
+    from loratorio.bench import quality
+
+    def report(regime: str, half: str, multipliers: list[float]) -> Path:
+        row = {"summary": {"n3": 0.5, "se_n3": 0.1, "avg": 0.5, "se": 0.1}, "quality": {"confidence": 0.9, "fd": 1.0}}
+        sweep = {"Merge": {str(m): {"avg": 0.4, "se": 0.1} for m in multipliers}} if multipliers else {}
+        out = {"tables": {"all": {"Merge": row}}, "sweep": {"all": sweep}, "counts": {"all": {"sets": 1, "images": 2}},
+               "single_lora": {}}
+        path = tmp_path / f"{regime}.json"
+        path.write_text(json.dumps({"args": {"half": half, "ns": [3], "multipliers": multipliers},
+                                    "regimes": {regime: out}}))
+        return path
+
+    paths = [report("weak", "tune", []), report("strong", "test", [1.0, 1.5])]
+    merged = tmp_path / "merged.json"
+    argv = ["--from-json", *map(str, paths), "--json", str(merged), "--plot", str(tmp_path / "p.png")]
+    assert quality.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "weak regime, tune half" in printed and "strong regime, test half" in printed
+    assert "strength sweep (strong" in printed and "strength sweep (weak" not in printed
+    assert "| ×1 | ×1.5 |" in printed
+    stored = json.loads(merged.read_text())["regimes"]
+    assert stored["weak"]["args"]["half"] == "tune" and stored["strong"]["args"]["multipliers"] == [1.0, 1.5]

@@ -331,6 +331,11 @@ def format_table(rows: dict[str, dict], ns: Sequence[int], with_quality: bool = 
     return "\n".join(lines)
 
 
+def sweep_multipliers(sweep: dict[str, dict[str, dict]]) -> list[float]:
+    """The multipliers a stored sweep holds (its keys), in order: what a report merged by --from-json can show."""
+    return sorted({float(k) for by_m in sweep.values() for k in by_m})
+
+
 def format_sweep(sweep: dict[str, dict[str, dict]], multipliers: Sequence[float]) -> str:
     """Markdown: average score ± SE per method (rows) and LoRA multiplier (columns)."""
     lines = ["| Method | " + " | ".join(f"×{m:g}" for m in multipliers) + " |", "|" + "---|" * (len(multipliers) + 1)]
@@ -340,7 +345,7 @@ def format_sweep(sweep: dict[str, dict[str, dict]], multipliers: Sequence[float]
     return "\n".join(lines)
 
 
-def plot_sweep(path: Path, panels: dict[str, dict[str, dict[str, dict]]], multipliers: Sequence[float]) -> bool:
+def plot_sweep(path: Path, panels: dict[str, dict[str, dict[str, dict]]]) -> bool:
     """One panel per regime (and subset): score against LoRA multiplier, one line per method; needs matplotlib."""
     try:
         import matplotlib
@@ -351,6 +356,7 @@ def plot_sweep(path: Path, panels: dict[str, dict[str, dict[str, dict]]], multip
         return False
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels) + 2.2, 4), squeeze=False)
     for ax, (title, sweep) in zip(axes[0], panels.items(), strict=True):
+        multipliers = sweep_multipliers(sweep)
         for label, by_m in sweep.items():
             ys = [by_m[str(m)]["avg"] for m in multipliers]
             es = [by_m[str(m)]["se"] for m in multipliers]
@@ -410,7 +416,11 @@ def main(argv: list[str] | None = None) -> int:
     report["args"]["from_json"] = [str(p) for p in args.from_json]
     panels: dict[str, dict] = {}
     for path in args.from_json:
-        report["regimes"].update(json.loads(path.read_text())["regimes"])
+        stored = json.loads(path.read_text())
+        for regime, out in stored["regimes"].items():
+            # Each regime is printed with the options of the run that sampled it, not this command's defaults.
+            out.setdefault("args", stored["args"])
+            report["regimes"][regime] = out
     for regime in [] if args.from_json else args.regimes:
         mini = load(args.weights, regime)
         items = plan(regime, args.ns, args.half, args.per_set, args.seed)
@@ -423,7 +433,8 @@ def main(argv: list[str] | None = None) -> int:
                 records[(method, m)] = run_variant(mini, method_variant(method), items, config, m)
                 log.info("%s %s ×%g: %.3f in %.0f s", regime, method, m,
                          summary(records[(method, m)], args.ns)["avg"], time.perf_counter() - t)
-        out: dict = {"tables": {}, "sweep": {}, "counts": {}}
+        out: dict = {"args": {k: v for k, v in report["args"].items() if k != "from_json"}, "tables": {}, "sweep": {},
+                     "counts": {}}
         for subset, kinds in kinds_list:
             if kinds and not any(k in kinds for i in items for k in [i.kind]):
                 continue
@@ -448,25 +459,27 @@ def main(argv: list[str] | None = None) -> int:
         report["regimes"][regime] = out
     report["seconds"] = time.perf_counter() - t0
     for regime, out in report["regimes"].items():
+        run = out.get("args", report["args"])
         for subset, sweep in out["sweep"].items():
-            if args.multipliers:
+            if sweep_multipliers(sweep):
                 panels[f"{regime} LoRAs" + (", two-character sets" if subset == "two" else "")] = sweep
         for subset, rows in out["tables"].items():
             count = out["counts"][subset]
-            print(f"\n{regime} regime, {args.half} half, {subset} sets ({count['sets']} sets, {count['images']} "
+            print(f"\n{regime} regime, {run['half']} half, {subset} sets ({count['sets']} sets, {count['images']} "
                   "images):")
-            print(format_table(rows, args.ns, with_quality=subset == "all"))
+            print(format_table(rows, run["ns"], with_quality=subset == "all"))
             fast = {k: r["vs_loratorio"] for k, r in rows.items() if "vs_loratorio" in r}
             for name, d in fast.items():
                 print(f"{name} − LoRAtorio (paired): {_fmt(d['diff'], d['se'])}")
-            if args.multipliers:
+            multipliers = sweep_multipliers(out["sweep"].get(subset, {}))
+            if multipliers:
                 print(f"\nstrength sweep ({regime}, {subset} sets), average score over N:")
-                print(format_sweep(out["sweep"][subset], args.multipliers))
+                print(format_sweep(out["sweep"][subset], multipliers))
         print(f"\nsingle LoRAs ({regime}): " + json.dumps({k: {kk: round(vv, 3) for kk, vv in v.items()}
                                                         for k, v in out["single_lora"].items()}))
     print(f"\ntotal {report['seconds']:.0f} s")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=1))
-    if panels and plot_sweep(args.plot, panels, args.multipliers):
+    if panels and plot_sweep(args.plot, panels):
         print(f"wrote {args.json} and {args.plot}")
     return 0
