@@ -61,10 +61,12 @@ class Settings:
     speed: str = field(default="full", metadata=_spec(
         "speed", choices=SPEEDS, help="full: base and every LoRA evaluated at every step; fast: only every 'full "
         "every' steps, and in between one pass at about plain LoRA's cost, each LoRA applied where the weight map "
-        "gives it."))
+        "gives it. Measured as good as full with LoRAs that fight when merged; with LoRAs that merge cleanly it can "
+        "lose a style LoRA (README, Speed fast)."))
     # 6: on the miniature's tuning half (fast − full, weak / strong): 4 +0.007 / −0.043, 5 – / −0.025, 6 +0.029 /
     # −0.020, 7 +0.042 / −0.031, 8 +0.070 / −0.053; 6 is the one within 0.02 of full LoRAtorio in both regimes, and at
     # N = 3 it costs under 1.5× plain LoRA (README, Performance). 8 until the strong regime's LoRAs were retrained.
+    # With 12 seeds per set: tuning half +0.022 / −0.017; test half −0.103 / −0.004 (the weak regime loses a style).
     full_every: int = field(default=6, metadata=_spec(
         "full every", lo=1, hi=100, help="Fast speed: evaluate base and every LoRA (and renew the weight map) every "
         "this many steps; 1 = always, as full speed."))
