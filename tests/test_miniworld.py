@@ -187,7 +187,7 @@ def test_with_strong_loras_two_characters_compose_where_merging_makes_a_hybrid()
     often. In the full benchmark LoRAtorio leads Merge by about 0.12 on these sets (both halves, standard error
     0.07-0.10); here 24 fixed images (3 sets, 8 seeds each: 9 images swung by 0.15), where it leads by 0.24; margin
     0.1. Speed fast (its default interval) must keep a lead too: here 0.49 against Merge's 0.37 (margin 0.05; in the
-    benchmark's test half, 12 seeds per set, it is 0.03 ± 0.04 below full LoRAtorio on these sets)."""
+    benchmark's test half, 12 seeds per set, 0.03 ± 0.04 below full LoRAtorio on the two-character sets)."""
     strong = load(WEIGHTS, "strong")
     sets = two_character_sets(2) + two_character_sets(3)[:2]
     totals = {}
